@@ -94,6 +94,31 @@ def check_devices(config: ml_collections.ConfigDict, num_devices: int) -> tuple[
   return shape
 
 
+def batch_shardings(mesh, rules) -> dict[str, Any]:
+  return {"images": shd.batch_sharding(mesh, rules, 4), "tokens": shd.batch_sharding(mesh, rules, 2)}
+
+
+def compile_train_step(config, model: CoCa, tx, mesh, rules, abstract_state, state_shardings):
+  """Ahead-of-time compiled train step with explicit in/out shardings, donated state.
+
+  The same signature serves training, the benchmark and sharding tests.
+  """
+  step = functools.partial(train_step, model=model, tx=tx, loss_config=config.loss,
+                           schedule=learning_rate_schedule(config))
+  in_batch = batch_shardings(mesh, rules)
+  jitted = jax.jit(step, in_shardings=(state_shardings, in_batch),
+                   out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
+  m = model.cfg
+  abstract_batch = {
+      "images": jax.ShapeDtypeStruct((config.batch_size, m.image_size, m.image_size, 3),
+                                     jnp.uint8, sharding=in_batch["images"]),
+      "tokens": jax.ShapeDtypeStruct((config.batch_size, m.context_length), jnp.int32,
+                                     sharding=in_batch["tokens"]),
+  }
+  with shd.activate(mesh, rules):
+    return jitted.lower(abstract_state, abstract_batch).compile()
+
+
 class Trainer:
   """Owns everything a run needs; `fit()` trains, `restore()` loads a checkpoint."""
 
@@ -140,31 +165,12 @@ class Trainer:
     self.state = self.checkpointer.restore(step, self.abstract_state)
     return step
 
-  def _batch_shardings(self) -> dict[str, Any]:
-    return {"images": shd.batch_sharding(self.mesh, self.rules, 4),
-            "tokens": shd.batch_sharding(self.mesh, self.rules, 2)}
-
   def compile_step(self):
-    """Ahead-of-time compiled train step with explicit in/out shardings."""
-    cfg = self.config
-    step = functools.partial(train_step, model=self.model, tx=self.tx, loss_config=cfg.loss,
-                             schedule=self.schedule)
-    batch_shardings = self._batch_shardings()
-    jitted = jax.jit(step, in_shardings=(self.state_shardings, batch_shardings),
-                     out_shardings=(self.state_shardings, shd.replicated(self.mesh)),
-                     donate_argnums=(0,))
-    m = self.model_cfg
-    abstract_batch = {
-        "images": jax.ShapeDtypeStruct((cfg.batch_size, m.image_size, m.image_size, 3), jnp.uint8,
-                                       sharding=batch_shardings["images"]),
-        "tokens": jax.ShapeDtypeStruct((cfg.batch_size, m.context_length), jnp.int32,
-                                       sharding=batch_shardings["tokens"]),
-    }
-    with shd.activate(self.mesh, self.rules):
-      return jitted.lower(self.abstract_state, abstract_batch).compile()
+    return compile_train_step(self.config, self.model, self.tx, self.mesh, self.rules,
+                              self.abstract_state, self.state_shardings)
 
   def _to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    shardings = self._batch_shardings()
+    shardings = batch_shardings(self.mesh, self.rules)
     return {k: jax.make_array_from_process_local_data(shardings[k], batch[k]) for k in shardings}
 
   def fit(self) -> dict[str, float]:
