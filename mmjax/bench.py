@@ -1,6 +1,7 @@
 """Train-step benchmark on synthetic data: throughput, compile time, MFU.
 
   python -m mmjax.bench --config configs/coca.py:size=bench [--steps N] [--config.KEY=VALUE ...]
+  python -m mmjax.bench --config configs/coca.py:size=bench --compile-depths 2,12
 
 Prints one JSON line. MFU = analytic model FLOPs per step (see mmjax/flops.py)
 / step time / peak, where the peak is a data-sheet figure on known
@@ -70,7 +71,7 @@ def run(config, steps: int, warmup: int = 2) -> dict:
   step_seconds = float(np.median(times))
   flops = train_flops_per_step(model_cfg, config.batch_size,
                                with_captioning=config.loss.caption_weight > 0)
-  peak, peak_source = peak_flops(model_cfg.dtype)
+  peak, peak_source = peak_flops(model_cfg.dtype, fresh=True)
   return {
       "examples_per_sec": config.batch_size / step_seconds,
       "step_seconds": step_seconds,
@@ -95,6 +96,29 @@ def run(config, steps: int, warmup: int = 2) -> dict:
   }
 
 
+def compile_scaling(config, depths: list[int]) -> dict:
+  """Compile seconds of the train step at several depths (all towers scaled alike).
+
+  With scan over layers the compiled program holds one copy of each block,
+  so compile time should stay nearly flat in depth.
+  """
+  check_devices(config, jax.device_count())
+  mesh = shd.make_mesh(dict(config.mesh))
+  rules = shd.rules_from_config(config.sharding_rules)
+  seconds = {}
+  for depth in depths:
+    cfg = config.copy_and_resolve_references()
+    cfg.model.vit_layers = cfg.model.text_layers = cfg.model.decoder_layers = depth
+    model = CoCa(ModelConfig.from_mapping(cfg.model.to_dict()))
+    tx = make_optimizer(cfg)
+    abstract, shardings = state_shardings(model, tx, mesh, rules)
+    start = time.perf_counter()
+    compile_train_step(cfg, model, tx, mesh, rules, abstract, shardings)
+    seconds[depth] = time.perf_counter() - start
+  return {"compile_seconds": seconds, "scan_layers": config.model.scan_layers,
+          "ratio_deepest_to_shallowest": seconds[max(depths)] / seconds[min(depths)]}
+
+
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
@@ -102,9 +126,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmjax.bench", allow_abbrev=False)
     parser.add_argument("--config", required=True)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--compile-depths", type=str, default="",
+                        help="e.g. 2,12: report compile time at these depths instead")
     args = parser.parse_args(rest)
     config = load_config(args.config, overrides)
-    result = run(config, args.steps)
+    if args.compile_depths:
+      result = compile_scaling(config, [int(d) for d in args.compile_depths.split(",")])
+    else:
+      result = run(config, args.steps)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -90,13 +90,14 @@ def measure_matmul_flops(dtype=jnp.float32, n: int = 2048, repeats: int = 5,
   return 2 * n ** 3 / best
 
 
-def peak_flops(dtype: str = "float32") -> tuple[float, str]:
+def peak_flops(dtype: str = "float32", *, fresh: bool = False) -> tuple[float, str]:
   """(peak FLOP/s of the whole job's devices, where the number came from).
 
   Accelerators with a known data-sheet peak use it (bf16 dense; f32 runs are
   then judged against bf16, as MFU usually is). Anything else, notably the
-  CPU, is measured once by a matmul and cached. On the CPU all forced host
-  devices share the same cores, so the machine's rate is the peak.
+  CPU, is measured once by a matmul and cached (`fresh` re-measures: the
+  benchmark compares against a peak taken in the same run). On the CPU all
+  forced host devices share the same cores, so the machine's rate is the peak.
   """
   devices = jax.devices()
   kind = devices[0].device_kind
@@ -109,7 +110,7 @@ def peak_flops(dtype: str = "float32") -> tuple[float, str]:
     table = json.loads(cache.read_text())
   except (OSError, ValueError):
     table = {}
-  if key not in table:
+  if fresh or key not in table:
     table[key] = measure_matmul_flops(jnp.dtype(dtype))
     try:
       cache.parent.mkdir(parents=True, exist_ok=True)

@@ -87,7 +87,12 @@ class MetricWriter:
     WORKDIR/tensorboard. Every write is flushed to the OS, so a crashed process loses nothing
     (a machine crash can still lose what the OS had not synced)."""
 
-    def __init__(self, workdir: str | os.PathLike, enabled: bool = True):
+    def __init__(
+        self, workdir: str | os.PathLike, enabled: bool = True, resume_step: int | None = None
+    ):
+        """`resume_step`: the checkpoint a resumed run restarts from. Records of later steps
+        come from the interrupted run past that checkpoint; the resumed run writes them again,
+        so they are dropped to keep one record per step."""
         self.enabled = enabled
         self._closed = False
         if not enabled:
@@ -97,6 +102,8 @@ class MetricWriter:
         self.path = workdir / METRICS_FILE
         if self.path.exists():
             self._repair_tail()
+            if resume_step is not None:
+                self._drop_after(resume_step)
         self._file = open(self.path, "a", encoding="utf-8")
         # tensorboardX's synchronous event writer rather than its SummaryWriter: SummaryWriter hands
         # events to a background thread and its flush() does not wait for them, so a crash (or a
@@ -124,6 +131,15 @@ class MetricWriter:
         )
         with open(self.path, "r+b") as f:
             f.truncate(offset)
+
+    def _drop_after(self, step: int) -> None:
+        lines = self.path.read_bytes().splitlines(keepends=True)
+        kept = [line for line in lines if (_parse_line(line) or {}).get("step", 0) <= step]
+        if len(kept) == len(lines):
+            return
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_bytes(b"".join(kept))
+        os.replace(tmp, self.path)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Records `metrics` (scalars: Python, NumPy or JAX) at `step`."""

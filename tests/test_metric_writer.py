@@ -178,3 +178,16 @@ def test_bad_input_is_rejected(tmp_path):
         writer.write(2, {"loss": 1.0})
     with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
         read_metrics(tmp_path / "missing")
+
+
+def test_resume_drops_records_past_the_checkpoint(tmp_path):
+    # A run logged steps 1..6, was killed, and resumes from its step-4 checkpoint: steps 5
+    # and 6 will be logged again, so the earlier copies must go (one record per step).
+    with MetricWriter(tmp_path) as writer:
+        for step in range(1, 7):
+            writer.write(step, {"loss": float(step)})
+    with MetricWriter(tmp_path, resume_step=4) as writer:
+        writer.write(5, {"loss": 50.0})
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert records[-1]["loss"] == 50.0
