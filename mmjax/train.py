@@ -203,7 +203,8 @@ class Trainer:
         start_step=start_step, process_index=jax.process_index(),
         process_count=jax.process_count(), num_threads=cfg.data.num_threads,
         prefetch=cfg.data.prefetch)
-    writer = MetricWriter(self.workdir, enabled=self.is_chief)
+    writer = MetricWriter(self.workdir, enabled=self.is_chief,
+                          resume_step=start_step if latest is not None else None)
     # In logs (no terminal) redraw rarely instead of filling them with bars.
     bar = tqdm(total=cfg.total_steps, initial=start_step, disable=not self.is_chief,
                desc="train", unit="step", dynamic_ncols=True,
