@@ -28,8 +28,10 @@ def _block(tokens: int, width: int, mlp: int, attn_keys: float) -> float:
   return 2 * (proj + attention + 2 * tokens * width * mlp)
 
 
-def _cross(queries: int, keys: int, width: int, kv_width: int) -> float:
-  proj = 2 * queries * width * width + 2 * keys * kv_width * width
+def _cross(queries: int, keys: int, width: int, kv_width: int, shared_queries: bool = False) -> float:
+  """Cross-attention; learned (shared) queries are projected once per batch, not per example."""
+  q_proj = 0 if shared_queries else queries * width * width
+  proj = q_proj + queries * width * width + 2 * keys * kv_width * width
   return 2 * (proj + 2 * queries * keys * width)
 
 
@@ -40,12 +42,12 @@ def forward_flops_per_example(cfg: ModelConfig, *, with_captioning: bool = True,
   half = 0.5 if causal_discount else 1.0
   flops = 2 * np_ * (cfg.patch_size ** 2 * 3) * wv
   flops += cfg.vit_layers * _block(np_, wv, cfg.vit_mlp_dim, np_)
-  flops += _cross(1, np_, wv, wv)  # Contrastive pooler.
+  flops += _cross(1, np_, wv, wv, shared_queries=True)  # Contrastive pooler.
   t_enc = cfg.context_length  # L-1 tokens + CLS.
   flops += cfg.text_layers * _block(t_enc, wt, cfg.text_mlp_dim, t_enc * half)
   flops += 2 * (wv + wt) * cfg.embed_dim
   if with_captioning:  # The caption pooler only feeds the decoder; unused, XLA drops it.
-    flops += _cross(cfg.caption_queries, np_, wv, wv)
+    flops += _cross(cfg.caption_queries, np_, wv, wv, shared_queries=True)
     t_dec = cfg.context_length - 1
     per_layer = _block(t_dec, wt, cfg.text_mlp_dim, t_dec * half)
     per_layer += _cross(t_dec, cfg.caption_queries, wt, wv)

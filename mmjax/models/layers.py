@@ -69,30 +69,38 @@ class Attention(nn.Module):
   cross: bool = False
   decode: bool = False
 
-  def _project(self, x: Array, width: int, name: str) -> Array:
-    """[B, T, D] -> [B, T, heads, head_dim]."""
+  def _project(self, x: Array, width: int, parts: int, name: str) -> list[Array]:
+    """[B, T, D] -> `parts` arrays [B, T, heads, head_dim] from one fused matmul.
+
+    Fusing Q, K and V (or K and V) into one kernel [D, parts, heads, head_dim]
+    gives one wide matmul instead of several narrow ones.
+    """
     cfg = self.cfg
-    shape = (x.shape[-1], self.num_heads, width // self.num_heads)
+    shape = (x.shape[-1], parts, self.num_heads, width // self.num_heads)
     init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0,
-                                            out_axis=(1, 2))
-    kernel = self.param(f"{name}_kernel", partitioned(init, ("embed", "heads", "kv")), shape,
-                        cfg.weights_dtype)
-    bias = self.param(f"{name}_bias", partitioned(nn.initializers.zeros, ("heads", "kv")),
+                                            out_axis=(2, 3), batch_axis=(1,))
+    kernel = self.param(f"{name}_kernel", partitioned(init, ("embed", None, "heads", "kv")),
+                        shape, cfg.weights_dtype)
+    bias = self.param(f"{name}_bias", partitioned(nn.initializers.zeros, (None, "heads", "kv")),
                       shape[1:], cfg.weights_dtype)
-    x = x.astype(cfg.compute_dtype)
-    y = jnp.einsum("btd,dhk->bthk", x, kernel.astype(cfg.compute_dtype)) + bias.astype(cfg.compute_dtype)
-    return constrain(y, ("batch", "length", "act_heads", "act_kv"))
+    dtype = cfg.compute_dtype
+    y = jnp.einsum("btd,dphk->btphk", x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+    return [y[:, :, i] for i in range(parts)]
 
   @nn.compact
   def __call__(self, x: Array, context: Array | None = None, mask: Array | None = None) -> Array:
+    """x: [B or 1, T, D] queries (a batch of 1 is broadcast after projection, so
+    learned queries are projected once, not once per example)."""
     width = x.shape[-1]
-    q = self._project(x, width, "query")
     if self.cross:
+      (q,) = self._project(x, width, 1, "query")
       k, v = self._cross_keys_values(context, width)
     else:
-      k, v = self._project(x, width, "key"), self._project(x, width, "value")
+      q, k, v = self._project(x, width, 3, "qkv")
       if self.decode:
         k, v, mask = self._update_cache(k, v)
+    q = jnp.broadcast_to(q, (k.shape[0],) + q.shape[1:])
+    q, k, v = (constrain(a, ("batch", "length", "act_heads", "act_kv")) for a in (q, k, v))
     out = jax.nn.dot_product_attention(q, k, v, mask=mask)
     out = constrain(out, ("batch", "length", "act_heads", "act_kv"))
     cfg = self.cfg
@@ -102,14 +110,15 @@ class Attention(nn.Module):
                         out.shape[-2:] + (width,), cfg.weights_dtype)
     bias = self.param("out_bias", partitioned(nn.initializers.zeros, ("embed",)), (width,),
                       cfg.weights_dtype)
-    y = jnp.einsum("bthk,hkd->btd", out, kernel.astype(cfg.compute_dtype)) + bias.astype(cfg.compute_dtype)
+    dtype = cfg.compute_dtype
+    y = jnp.einsum("bthk,hkd->btd", out, kernel.astype(dtype)) + bias.astype(dtype)
     return constrain(y, ("batch", "length", "act_embed"))
 
   def _cross_keys_values(self, context: Array | None, width: int) -> tuple[Array, Array]:
     if not self.decode:
-      return self._project(context, width, "key"), self._project(context, width, "value")
+      return tuple(self._project(context, width, 2, "kv"))
     if context is not None:  # First decode call: project the image tokens once.
-      k, v = self._project(context, width, "key"), self._project(context, width, "value")
+      k, v = self._project(context, width, 2, "kv")
       self.variable("cache", "context_key", lambda: k).value = k
       self.variable("cache", "context_value", lambda: v).value = v
       return k, v

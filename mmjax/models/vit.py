@@ -37,10 +37,10 @@ class AttentionalPooler(nn.Module):
     queries = self.param("queries", partitioned(nn.initializers.normal(width ** -0.5),
                                                 (None, "embed")),
                          (self.num_queries, width), cfg.weights_dtype)
-    q = jnp.broadcast_to(queries.astype(cfg.compute_dtype), (tokens.shape[0],) + queries.shape)
-    q = constrain(q, ("batch", "length", "act_embed"))
     context = LayerNorm(cfg, name="ln_context")(tokens)
-    pooled = Attention(cfg, cfg.vit_heads, cross=True, name="attn")(q, context=context)
+    # Batch of 1: the attention projects the shared queries once, then broadcasts.
+    pooled = Attention(cfg, cfg.vit_heads, cross=True, name="attn")(
+        queries.astype(cfg.compute_dtype)[None], context=context)
     return LayerNorm(cfg, name="ln_out")(pooled)
 
 
