@@ -11,6 +11,6 @@ from mmjax.config_loading import sibling
 
 
 def get_config(arg=None):
-  config = sibling(__file__, "coca").get_config(arg)
-  config.loss.caption_weight = 0.0
-  return config
+    config = sibling(__file__, "coca").get_config(arg)
+    config.loss.caption_weight = 0.0
+    return config

@@ -26,52 +26,52 @@ from mmjax.sharding import DEFAULT_RULES
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, size="tiny", steps=1500, batch=64)
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.batch_size = arg.batch  # Global, over all processes and devices.
-  config.total_steps = arg.steps
-  config.log_every = 50
-  config.eval_every = 500
-  config.checkpoint_every = 500
-  config.keep_checkpoints = 3
+    arg = parse_arg(arg, size="tiny", steps=1500, batch=64)
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.batch_size = arg.batch  # Global, over all processes and devices.
+    config.total_steps = arg.steps
+    config.log_every = 50
+    config.eval_every = 500
+    config.checkpoint_every = 500
+    config.keep_checkpoints = 3
 
-  config.model = ml_collections.ConfigDict(model_size(arg.size))
-  config.model.dtype = "float32"  # 'bfloat16' on accelerators.
-  config.model.param_dtype = "float32"
-  config.model.scan_layers = True
-  config.model.remat = "none"  # none | full | dots | dots_no_batch
+    config.model = ml_collections.ConfigDict(model_size(arg.size))
+    config.model.dtype = "float32"  # 'bfloat16' on accelerators.
+    config.model.param_dtype = "float32"
+    config.model.scan_layers = True
+    config.model.remat = "none"  # none | full | dots | dots_no_batch
 
-  # Mesh: sizes of the data, fsdp and tensor axes; one may be -1 to fill the devices.
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  config.sharding_rules = DEFAULT_RULES
+    # Mesh: sizes of the data, fsdp and tensor axes; one may be -1 to fill the devices.
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    config.sharding_rules = DEFAULT_RULES
 
-  config.loss = ml_collections.ConfigDict()
-  config.loss.contrastive = "softmax"  # softmax (CLIP) | sigmoid (SigLIP)
-  config.loss.contrastive_weight = 1.0
-  config.loss.caption_weight = 2.0  # CoCa paper: lambda_cap = 2, lambda_con = 1.
+    config.loss = ml_collections.ConfigDict()
+    config.loss.contrastive = "softmax"  # softmax (CLIP) | sigmoid (SigLIP)
+    config.loss.contrastive_weight = 1.0
+    config.loss.caption_weight = 2.0  # CoCa paper: lambda_cap = 2, lambda_con = 1.
 
-  config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.learning_rate = 1e-3
-  config.optimizer.warmup_steps = 100
-  config.optimizer.end_learning_rate_factor = 0.01
-  config.optimizer.weight_decay = 0.05
-  config.optimizer.b1 = 0.9
-  config.optimizer.b2 = 0.98
-  config.optimizer.eps = 1e-6
-  config.optimizer.grad_clip = 1.0
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = 1e-3
+    config.optimizer.warmup_steps = 100
+    config.optimizer.end_learning_rate_factor = 0.01
+    config.optimizer.weight_decay = 0.05
+    config.optimizer.b1 = 0.9
+    config.optimizer.b2 = 0.98
+    config.optimizer.eps = 1e-6
+    config.optimizer.grad_clip = 1.0
 
-  config.data = ml_collections.ConfigDict()
-  config.data.name = "shapes"
-  config.data.seed = 0  # Fixes the corpus itself; the training order follows `seed`.
-  config.data.train_examples = 20000
-  config.data.eval_examples = 512
-  config.data.tokenizer = ""  # Path to a sentencepiece model; '' trains one into the workdir.
-  config.data.tokenizer_vocab_size = 256
-  config.data.num_threads = 2
-  config.data.prefetch = 4
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "shapes"
+    config.data.seed = 0  # Fixes the corpus itself; the training order follows `seed`.
+    config.data.train_examples = 20000
+    config.data.eval_examples = 512
+    config.data.tokenizer = ""  # Path to a sentencepiece model; '' trains one into the workdir.
+    config.data.tokenizer_vocab_size = 256
+    config.data.num_threads = 2
+    config.data.prefetch = 4
 
-  config.eval = ml_collections.ConfigDict()
-  config.eval.batch_size = 128
-  config.eval.caption_examples = 512  # How many eval images get a generated caption.
-  return config
+    config.eval = ml_collections.ConfigDict()
+    config.eval.batch_size = 128
+    config.eval.caption_examples = 512  # How many eval images get a generated caption.
+    return config

@@ -13,8 +13,8 @@ from mmjax.config_loading import sibling
 
 
 def get_config(arg=None):
-  config = sibling(__file__, "coca").get_config(arg)
-  config.loss.contrastive = "sigmoid"
-  config.model.init_logit_scale = math.log(10.0)
-  config.model.init_logit_bias = -10.0
-  return config
+    config = sibling(__file__, "coca").get_config(arg)
+    config.loss.contrastive = "sigmoid"
+    config.model.init_logit_scale = math.log(10.0)
+    config.model.init_logit_bias = -10.0
+    return config

@@ -16,7 +16,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mmjax import sharding as shd
@@ -30,116 +29,126 @@ from mmjax.train_state import create_train_state, state_shardings
 
 
 def synthetic_batch(config, model_cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
-  """Random pixels and captions with a realistic amount of padding."""
-  rng = np.random.default_rng(seed)
-  b, s, length = config.batch_size, model_cfg.image_size, model_cfg.context_length
-  images = rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8)
-  tokens = rng.integers(4, model_cfg.vocab_size, (b, length), dtype=np.int32)
-  lengths = rng.integers(length // 2, length + 1, b)
-  tokens[:, 0] = 2
-  for row, n in enumerate(lengths):
-    tokens[row, n - 1] = 3
-    tokens[row, n:] = 0
-  return {"images": images, "tokens": tokens}
+    """Random pixels and captions with a realistic amount of padding."""
+    rng = np.random.default_rng(seed)
+    b, s, length = config.batch_size, model_cfg.image_size, model_cfg.context_length
+    images = rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8)
+    tokens = rng.integers(4, model_cfg.vocab_size, (b, length), dtype=np.int32)
+    lengths = rng.integers(length // 2, length + 1, b)
+    tokens[:, 0] = 2
+    for row, n in enumerate(lengths):
+        tokens[row, n - 1] = 3
+        tokens[row, n:] = 0
+    return {"images": images, "tokens": tokens}
 
 
 def run(config, steps: int, warmup: int = 2) -> dict:
-  check_devices(config, jax.device_count())
-  mesh = shd.make_mesh(dict(config.mesh))
-  rules = shd.rules_from_config(config.sharding_rules)
-  model_cfg = ModelConfig.from_mapping(config.model.to_dict())
-  model = CoCa(model_cfg)
-  tx = make_optimizer(config)
-  abstract, shardings = state_shardings(model, tx, mesh, rules)
-  state = create_train_state(model, tx, mesh, rules, config.seed)
-  start = time.perf_counter()
-  compiled = compile_train_step(config, model, tx, mesh, rules, abstract, shardings)
-  compile_seconds = time.perf_counter() - start
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  in_shardings = batch_shardings(mesh, rules)
-  batch = {k: jax.device_put(v, in_shardings[k]) for k, v in synthetic_batch(config, model_cfg).items()}
-  for _ in range(warmup):
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(steps):  # Per-step times; the median resists this machine's noise.
+    check_devices(config, jax.device_count())
+    mesh = shd.make_mesh(dict(config.mesh))
+    rules = shd.rules_from_config(config.sharding_rules)
+    model_cfg = ModelConfig.from_mapping(config.model.to_dict())
+    model = CoCa(model_cfg)
+    tx = make_optimizer(config)
+    abstract, shardings = state_shardings(model, tx, mesh, rules)
+    state = create_train_state(model, tx, mesh, rules, config.seed)
     start = time.perf_counter()
-    state, metrics = compiled(state, batch)
+    compiled = compile_train_step(config, model, tx, mesh, rules, abstract, shardings)
+    compile_seconds = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    in_shardings = batch_shardings(mesh, rules)
+    batch = {
+        k: jax.device_put(v, in_shardings[k]) for k, v in synthetic_batch(config, model_cfg).items()
+    }
+    for _ in range(warmup):
+        state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  step_seconds = float(np.median(times))
-  flops = train_flops_per_step(model_cfg, config.batch_size,
-                               with_captioning=config.loss.caption_weight > 0)
-  peak, peak_source = peak_flops(model_cfg.dtype, fresh=True)
-  return {
-      "examples_per_sec": config.batch_size / step_seconds,
-      "step_seconds": step_seconds,
-      "step_seconds_min": float(np.min(times)),
-      "compile_seconds": compile_seconds,
-      "flops_per_step": flops,
-      "xla_flops_per_step": float(cost.get("flops", float("nan"))) * jax.device_count(),
-      "peak_flops": peak,
-      "peak_source": peak_source,
-      "mfu": flops / step_seconds / peak,
-      "achieved_flops": flops / step_seconds,
-      "steps": steps,
-      "batch_size": config.batch_size,
-      "devices": jax.device_count(),
-      "platform": jax.devices()[0].platform,
-      "mesh": dict(mesh.shape),
-      "dtype": model_cfg.dtype,
-      "scan_layers": model_cfg.scan_layers,
-      "remat": model_cfg.remat,
-      "params": int(sum(np.prod(a.shape) for a in jax.tree.leaves(abstract.params))),
-      "loss": float(metrics["loss"]),
-  }
+    times = []
+    for _ in range(steps):  # Per-step times; the median resists this machine's noise.
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    step_seconds = float(np.median(times))
+    flops = train_flops_per_step(
+        model_cfg, config.batch_size, with_captioning=config.loss.caption_weight > 0
+    )
+    peak, peak_source = peak_flops(model_cfg.dtype, fresh=True)
+    return {
+        "examples_per_sec": config.batch_size / step_seconds,
+        "step_seconds": step_seconds,
+        "step_seconds_min": float(np.min(times)),
+        "compile_seconds": compile_seconds,
+        "flops_per_step": flops,
+        "xla_flops_per_step": float(cost.get("flops", float("nan"))) * jax.device_count(),
+        "peak_flops": peak,
+        "peak_source": peak_source,
+        "mfu": flops / step_seconds / peak,
+        "achieved_flops": flops / step_seconds,
+        "steps": steps,
+        "batch_size": config.batch_size,
+        "devices": jax.device_count(),
+        "platform": jax.devices()[0].platform,
+        "mesh": dict(mesh.shape),
+        "dtype": model_cfg.dtype,
+        "scan_layers": model_cfg.scan_layers,
+        "remat": model_cfg.remat,
+        "params": int(sum(np.prod(a.shape) for a in jax.tree.leaves(abstract.params))),
+        "loss": float(metrics["loss"]),
+    }
 
 
 def compile_scaling(config, depths: list[int]) -> dict:
-  """Compile seconds of the train step at several depths (all towers scaled alike).
+    """Compile seconds of the train step at several depths (all towers scaled alike).
 
-  With scan over layers the compiled program holds one copy of each block,
-  so compile time should stay nearly flat in depth.
-  """
-  check_devices(config, jax.device_count())
-  mesh = shd.make_mesh(dict(config.mesh))
-  rules = shd.rules_from_config(config.sharding_rules)
-  seconds = {}
-  for depth in depths:
-    cfg = config.copy_and_resolve_references()
-    cfg.model.vit_layers = cfg.model.text_layers = cfg.model.decoder_layers = depth
-    model = CoCa(ModelConfig.from_mapping(cfg.model.to_dict()))
-    tx = make_optimizer(cfg)
-    abstract, shardings = state_shardings(model, tx, mesh, rules)
-    start = time.perf_counter()
-    compile_train_step(cfg, model, tx, mesh, rules, abstract, shardings)
-    seconds[depth] = time.perf_counter() - start
-  return {"compile_seconds": seconds, "scan_layers": config.model.scan_layers,
-          "ratio_deepest_to_shallowest": seconds[max(depths)] / seconds[min(depths)]}
+    With scan over layers the compiled program holds one copy of each block,
+    so compile time should stay nearly flat in depth.
+    """
+    check_devices(config, jax.device_count())
+    mesh = shd.make_mesh(dict(config.mesh))
+    rules = shd.rules_from_config(config.sharding_rules)
+    seconds = {}
+    for depth in depths:
+        cfg = config.copy_and_resolve_references()
+        cfg.model.vit_layers = cfg.model.text_layers = cfg.model.decoder_layers = depth
+        model = CoCa(ModelConfig.from_mapping(cfg.model.to_dict()))
+        tx = make_optimizer(cfg)
+        abstract, shardings = state_shardings(model, tx, mesh, rules)
+        start = time.perf_counter()
+        compile_train_step(cfg, model, tx, mesh, rules, abstract, shardings)
+        seconds[depth] = time.perf_counter() - start
+    return {
+        "compile_seconds": seconds,
+        "scan_layers": config.model.scan_layers,
+        "ratio_deepest_to_shallowest": seconds[max(depths)] / seconds[min(depths)],
+    }
 
 
 def main(argv=None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  try:
-    rest, overrides = split_config_flags(argv)
-    parser = argparse.ArgumentParser(prog="python -m mmjax.bench", allow_abbrev=False)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--compile-depths", type=str, default="",
-                        help="e.g. 2,12: report compile time at these depths instead")
-    args = parser.parse_args(rest)
-    config = load_config(args.config, overrides)
-    if args.compile_depths:
-      result = compile_scaling(config, [int(d) for d in args.compile_depths.split(",")])
-    else:
-      result = run(config, args.steps)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(json.dumps(result))
-  return 0
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rest, overrides = split_config_flags(argv)
+        parser = argparse.ArgumentParser(prog="python -m mmjax.bench", allow_abbrev=False)
+        parser.add_argument("--config", required=True)
+        parser.add_argument("--steps", type=int, default=10)
+        parser.add_argument(
+            "--compile-depths",
+            type=str,
+            default="",
+            help="e.g. 2,12: report compile time at these depths instead",
+        )
+        args = parser.parse_args(rest)
+        config = load_config(args.config, overrides)
+        if args.compile_depths:
+            result = compile_scaling(config, [int(d) for d in args.compile_depths.split(",")])
+        else:
+            result = run(config, args.steps)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

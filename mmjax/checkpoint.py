@@ -15,36 +15,44 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-  def __init__(self, directory: str | Path, *, max_to_keep: int = 3, async_save: bool = True):
-    self.directory = Path(directory).absolute()
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    def __init__(self, directory: str | Path, *, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
 
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, *, batch_size: int, force: bool = False) -> bool:
-    meta = {"step": int(step), "global_sample_index": int(step) * int(batch_size)}
-    return self._manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      data=ocp.args.JsonSave(meta)), force=force)
+    def save(self, step: int, state: Any, *, batch_size: int, force: bool = False) -> bool:
+        meta = {"step": int(step), "global_sample_index": int(step) * int(batch_size)}
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(meta)
+            ),
+            force=force,
+        )
 
-  def restore(self, step: int, abstract_state: Any) -> Any:
-    """Restores onto the shardings carried by `abstract_state`'s ShapeDtypeStructs."""
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-    return restored.state
+    def restore(self, step: int, abstract_state: Any) -> Any:
+        """Restores onto the shardings carried by `abstract_state`'s ShapeDtypeStructs."""
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        )
+        return restored.state
 
-  def restore_data_position(self, step: int) -> dict:
-    return dict(self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data)
+    def restore_data_position(self, step: int) -> dict:
+        return dict(
+            self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+        )
 
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
 
-  def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

@@ -12,8 +12,9 @@ import dataclasses
 import importlib.util
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import ml_collections
 
@@ -23,153 +24,159 @@ CONTRASTIVE_LOSSES = ("softmax", "sigmoid")
 
 
 class ConfigError(ValueError):
-  """A config problem, explained in one line."""
+    """A config problem, explained in one line."""
 
 
 def load_module(path: str | Path):
-  path = Path(path)
-  if not path.is_file():
-    raise ConfigError(f"--config file {str(path)!r} does not exist")
-  name = f"mmjax_config_{path.stem}_{abs(hash(str(path.resolve())))}"
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module
-  spec.loader.exec_module(module)
-  return module
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config file {str(path)!r} does not exist")
+    name = f"mmjax_config_{path.stem}_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def sibling(file: str, name: str):
-  """Imports another config file from the same folder (variants build on coca.py)."""
-  return load_module(Path(file).with_name(f"{name}.py"))
+    """Imports another config file from the same folder (variants build on coca.py)."""
+    return load_module(Path(file).with_name(f"{name}.py"))
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
-  """'size=tiny,steps=100' -> ConfigDict; keys must be among `defaults`."""
-  values = dict(defaults)
-  for item in filter(None, (arg or "").split(",")):
-    key, sep, value = item.partition("=")
-    if not sep:
-      raise ConfigError(f"config argument {item!r} is not KEY=VALUE")
-    if key not in defaults:
-      raise ConfigError(f"config argument {key!r} is unknown; allowed: {sorted(defaults)}")
-    values[key] = _convert(value, defaults[key], f"config argument {key}")
-  return ml_collections.ConfigDict(values)
+    """'size=tiny,steps=100' -> ConfigDict; keys must be among `defaults`."""
+    values = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"config argument {item!r} is not KEY=VALUE")
+        if key not in defaults:
+            raise ConfigError(f"config argument {key!r} is unknown; allowed: {sorted(defaults)}")
+        values[key] = _convert(value, defaults[key], f"config argument {key}")
+    return ml_collections.ConfigDict(values)
 
 
 def model_size(size: str) -> dict[str, Any]:
-  """Every ModelConfig field, with the named size's values filled in."""
-  if size not in SIZES:
-    raise ConfigError(f"size={size!r} is unknown; allowed: {list(SIZES)}")
-  return dataclasses.asdict(ModelConfig(**SIZES[size]))
+    """Every ModelConfig field, with the named size's values filled in."""
+    if size not in SIZES:
+        raise ConfigError(f"size={size!r} is unknown; allowed: {list(SIZES)}")
+    return dataclasses.asdict(ModelConfig(**SIZES[size]))
 
 
 def _convert(text: str, current: Any, where: str) -> Any:
-  """Parses `text` into the type of the value it replaces."""
-  try:
-    if isinstance(current, bool):
-      lowered = text.lower()
-      if lowered in ("true", "1", "yes"):
-        return True
-      if lowered in ("false", "0", "no"):
-        return False
-      raise ValueError
-    if isinstance(current, int):
-      return int(text)
-    if isinstance(current, float):
-      return float(text)
-    if isinstance(current, str) or current is None:
-      return text
-    if isinstance(current, (tuple, list)):
-      value = ast.literal_eval(text)
-      if not isinstance(value, (tuple, list)):
-        raise ValueError
-      return type(current)(value)
-  except (ValueError, SyntaxError):
-    raise ConfigError(f"{where}={text!r} is not a valid {type(current).__name__}") from None
-  raise ConfigError(f"{where} cannot be set from the command line (it is a {type(current).__name__})")
+    """Parses `text` into the type of the value it replaces."""
+    try:
+        if isinstance(current, bool):
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes"):
+                return True
+            if lowered in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+        if isinstance(current, str) or current is None:
+            return text
+        if isinstance(current, (tuple, list)):
+            value = ast.literal_eval(text)
+            if not isinstance(value, (tuple, list)):
+                raise ValueError
+            return type(current)(value)
+    except (ValueError, SyntaxError):
+        raise ConfigError(f"{where}={text!r} is not a valid {type(current).__name__}") from None
+    raise ConfigError(
+        f"{where} cannot be set from the command line (it is a {type(current).__name__})"
+    )
 
 
 def apply_override(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
-  node = config
-  parts = dotted.split(".")
-  for i, part in enumerate(parts):
-    prefix = ".".join(parts[:i])
-    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      where = f"under {prefix!r}" if prefix else "at the top level"
-      allowed = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-      raise ConfigError(f"unknown config key {dotted!r}; allowed keys {where}: {allowed}")
-    if i < len(parts) - 1:
-      node = node[part]
-  current = node[parts[-1]]
-  if isinstance(current, ml_collections.ConfigDict):
-    raise ConfigError(f"config key {dotted!r} is a group; set one of {sorted(current.keys())}")
-  node[parts[-1]] = _convert(text, current, f"config.{dotted}")
+    node = config
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        prefix = ".".join(parts[:i])
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            where = f"under {prefix!r}" if prefix else "at the top level"
+            allowed = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            raise ConfigError(f"unknown config key {dotted!r}; allowed keys {where}: {allowed}")
+        if i < len(parts) - 1:
+            node = node[part]
+    current = node[parts[-1]]
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ConfigError(f"config key {dotted!r} is a group; set one of {sorted(current.keys())}")
+    node[parts[-1]] = _convert(text, current, f"config.{dotted}")
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """`spec` is 'path.py' or 'path.py:arg'; overrides are 'KEY=VALUE' strings."""
-  path, _, arg = spec.partition(":")
-  module = load_module(path)
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"--config file {path!r} has no get_config(arg) function")
-  config = module.get_config(arg or None)
-  for item in overrides:
-    key, sep, value = item.partition("=")
-    if not sep:
-      raise ConfigError(f"override --config.{item} needs a value: --config.{key}=VALUE")
-    apply_override(config, key, value)
-  validate(config)
-  return config
+    """`spec` is 'path.py' or 'path.py:arg'; overrides are 'KEY=VALUE' strings."""
+    path, _, arg = spec.partition(":")
+    module = load_module(path)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"--config file {path!r} has no get_config(arg) function")
+    config = module.get_config(arg or None)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override --config.{item} needs a value: --config.{key}=VALUE")
+        apply_override(config, key, value)
+    validate(config)
+    return config
 
 
 def split_config_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-  """Separates '--config.KEY=VALUE' (and '--config.KEY VALUE') from other args."""
-  rest, overrides = [], []
-  argv = list(argv)
-  i = 0
-  while i < len(argv):
-    arg = argv[i]
-    if arg.startswith("--config."):
-      body = arg[len("--config."):]
-      if "=" not in body:
-        if i + 1 >= len(argv):
-          raise ConfigError(f"override {arg} needs a value")
-        body = f"{body}={argv[i + 1]}"
+    """Separates '--config.KEY=VALUE' (and '--config.KEY VALUE') from other args."""
+    rest, overrides = [], []
+    argv = list(argv)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            body = arg[len("--config.") :]
+            if "=" not in body:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"override {arg} needs a value")
+                body = f"{body}={argv[i + 1]}"
+                i += 1
+            overrides.append(body)
+        else:
+            rest.append(arg)
         i += 1
-      overrides.append(body)
-    else:
-      rest.append(arg)
-    i += 1
-  return rest, overrides
+    return rest, overrides
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks what can be checked without devices (the mesh is checked at startup)."""
-  if config.loss.contrastive not in CONTRASTIVE_LOSSES:
-    raise ConfigError(f"loss.contrastive={config.loss.contrastive!r} is unknown; "
-                      f"allowed: {list(CONTRASTIVE_LOSSES)}")
-  for key in ("contrastive_weight", "caption_weight"):
-    if config.loss[key] < 0:
-      raise ConfigError(f"loss.{key}={config.loss[key]} must be >= 0")
-  if config.loss.contrastive_weight == 0 and config.loss.caption_weight == 0:
-    raise ConfigError("loss.contrastive_weight and loss.caption_weight are both 0: nothing to train")
-  for key in ("batch_size", "total_steps", "log_every", "eval_every", "checkpoint_every"):
-    if config[key] < 1:
-      raise ConfigError(f"{key}={config[key]} must be >= 1")
-  try:
-    ModelConfig.from_mapping(config.model.to_dict()).validate()
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  known = set(ModelConfig.__dataclass_fields__)
-  extra = sorted(set(config.model.keys()) - known)
-  if extra:
-    raise ConfigError(f"model.{extra[0]} is not a model field; allowed: {sorted(known)}")
+    """Checks what can be checked without devices (the mesh is checked at startup)."""
+    if config.loss.contrastive not in CONTRASTIVE_LOSSES:
+        raise ConfigError(
+            f"loss.contrastive={config.loss.contrastive!r} is unknown; "
+            f"allowed: {list(CONTRASTIVE_LOSSES)}"
+        )
+    for key in ("contrastive_weight", "caption_weight"):
+        if config.loss[key] < 0:
+            raise ConfigError(f"loss.{key}={config.loss[key]} must be >= 0")
+    if config.loss.contrastive_weight == 0 and config.loss.caption_weight == 0:
+        raise ConfigError(
+            "loss.contrastive_weight and loss.caption_weight are both 0: nothing to train"
+        )
+    for key in ("batch_size", "total_steps", "log_every", "eval_every", "checkpoint_every"):
+        if config[key] < 1:
+            raise ConfigError(f"{key}={config[key]} must be >= 1")
+    try:
+        ModelConfig.from_mapping(config.model.to_dict()).validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    known = set(ModelConfig.__dataclass_fields__)
+    extra = sorted(set(config.model.keys()) - known)
+    if extra:
+        raise ConfigError(f"model.{extra[0]} is not a model field; allowed: {sorted(known)}")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
-  return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True)
 
 
 def from_json_file(path: str | Path) -> ml_collections.ConfigDict:
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))

@@ -19,10 +19,8 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-
 from jax.experimental import multihost_utils
 
 from mmjax import sharding as shd
@@ -35,111 +33,130 @@ from mmjax.tokenizer import Tokenizer
 
 
 class Evaluator:
-  """Compiles the eval functions once; `run(params)` returns `eval/...` metrics."""
+    """Compiles the eval functions once; `run(params)` returns `eval/...` metrics."""
 
-  def __init__(self, config: ml_collections.ConfigDict, model: CoCa, mesh, rules,
-               tokenizer: Tokenizer):
-    self.config, self.model, self.mesh, self.rules = config, model, mesh, rules
-    self.tokenizer = tokenizer
-    self.source = make_source(config.data, "eval", model.cfg.image_size)
-    rows = lambda ndim: shd.batch_sharding(mesh, rules, ndim)
-    everywhere = shd.replicated(mesh)
+    def __init__(
+        self, config: ml_collections.ConfigDict, model: CoCa, mesh, rules, tokenizer: Tokenizer
+    ):
+        self.config, self.model, self.mesh, self.rules = config, model, mesh, rules
+        self.tokenizer = tokenizer
+        self.source = make_source(config.data, "eval", model.cfg.image_size)
+        rows = lambda ndim: shd.batch_sharding(mesh, rules, ndim)
+        everywhere = shd.replicated(mesh)
 
-    def embed(params, images, tokens):
-      image_emb, _ = model.apply({"params": params}, images, method=CoCa.encode_image)
-      text_emb, _ = model.apply({"params": params}, tokens, method=CoCa.encode_text)
-      return image_emb, text_emb
+        def embed(params, images, tokens):
+            image_emb, _ = model.apply({"params": params}, images, method=CoCa.encode_image)
+            text_emb, _ = model.apply({"params": params}, tokens, method=CoCa.encode_text)
+            return image_emb, text_emb
 
-    def caption(params, images):
-      return greedy_generate(model, params, images, bos_id=tokenizer.bos_id,
-                             eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+        def caption(params, images):
+            return greedy_generate(
+                model,
+                params,
+                images,
+                bos_id=tokenizer.bos_id,
+                eos_id=tokenizer.eos_id,
+                pad_id=tokenizer.pad_id,
+            )
 
-    # Outputs replicated: every process ends up with the whole eval set.
-    self._embed = jax.jit(embed, in_shardings=(None, rows(4), rows(2)),
-                          out_shardings=(everywhere, everywhere))
-    self._caption = jax.jit(caption, in_shardings=(None, rows(4)), out_shardings=everywhere)
+        # Outputs replicated: every process ends up with the whole eval set.
+        self._embed = jax.jit(
+            embed, in_shardings=(None, rows(4), rows(2)), out_shardings=(everywhere, everywhere)
+        )
+        self._caption = jax.jit(caption, in_shardings=(None, rows(4)), out_shardings=everywhere)
 
-  def _global(self, local: np.ndarray) -> jax.Array:
-    sharding = shd.batch_sharding(self.mesh, self.rules, local.ndim)
-    return jax.make_array_from_process_local_data(sharding, local)
+    def _global(self, local: np.ndarray) -> jax.Array:
+        sharding = shd.batch_sharding(self.mesh, self.rules, local.ndim)
+        return jax.make_array_from_process_local_data(sharding, local)
 
-  def run(self, params) -> dict[str, float]:
-    cfg = self.config
-    start = time.perf_counter()
-    image_embs, text_embs, indices, predictions = [], [], [], []
-    want_captions = min(cfg.eval.caption_examples, len(self.source))
-    batches = eval_batches(self.source, self.tokenizer, global_batch_size=cfg.eval.batch_size,
-                           context_length=self.model.cfg.context_length,
-                           process_index=jax.process_index(), process_count=jax.process_count())
-    with shd.activate(self.mesh, self.rules):
-      for batch in batches:
-        images, tokens = self._global(batch["images"]), self._global(batch["tokens"])
-        index = np.asarray(multihost_utils.process_allgather(
-            batch["index"], tiled=True)) if jax.process_count() > 1 else batch["index"]
-        image_emb, text_emb = self._embed(params, images, tokens)
-        image_embs.append(np.asarray(image_emb))
-        text_embs.append(np.asarray(text_emb))
-        indices.append(index)
-        if sum(len(p) for p in predictions) < want_captions:
-          predictions.append(np.asarray(self._caption(params, images)))
-    index = np.concatenate(indices)
-    keep = index >= 0  # Padding rows carry index -1.
-    index = index[keep]
-    references = [self.source[int(i)]["caption"] for i in index]
-    metrics = retrieval_metrics(np.concatenate(image_embs)[keep], np.concatenate(text_embs)[keep],
-                                captions=references)
-    generated = np.concatenate(predictions)[keep[:sum(len(p) for p in predictions)]]
-    generated = generated[:want_captions]
-    texts = self.tokenizer.decode_batch(generated)
-    metrics.update(caption_metrics(texts, references[:len(texts)]))
-    out = {f"eval/{k}": float(v) for k, v in metrics.items()}
-    out["eval/num_examples"] = float(len(index))
-    out["eval/seconds"] = time.perf_counter() - start
-    self.last_samples = list(zip(references[:len(texts)], texts))
-    return out
+    def run(self, params) -> dict[str, float]:
+        cfg = self.config
+        start = time.perf_counter()
+        image_embs, text_embs, indices, predictions = [], [], [], []
+        want_captions = min(cfg.eval.caption_examples, len(self.source))
+        batches = eval_batches(
+            self.source,
+            self.tokenizer,
+            global_batch_size=cfg.eval.batch_size,
+            context_length=self.model.cfg.context_length,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        with shd.activate(self.mesh, self.rules):
+            for batch in batches:
+                images, tokens = self._global(batch["images"]), self._global(batch["tokens"])
+                index = (
+                    np.asarray(multihost_utils.process_allgather(batch["index"], tiled=True))
+                    if jax.process_count() > 1
+                    else batch["index"]
+                )
+                image_emb, text_emb = self._embed(params, images, tokens)
+                image_embs.append(np.asarray(image_emb))
+                text_embs.append(np.asarray(text_emb))
+                indices.append(index)
+                if sum(len(p) for p in predictions) < want_captions:
+                    predictions.append(np.asarray(self._caption(params, images)))
+        index = np.concatenate(indices)
+        keep = index >= 0  # Padding rows carry index -1.
+        index = index[keep]
+        references = [self.source[int(i)]["caption"] for i in index]
+        metrics = retrieval_metrics(
+            np.concatenate(image_embs)[keep], np.concatenate(text_embs)[keep], captions=references
+        )
+        generated = np.concatenate(predictions)[keep[: sum(len(p) for p in predictions)]]
+        generated = generated[:want_captions]
+        texts = self.tokenizer.decode_batch(generated)
+        metrics.update(caption_metrics(texts, references[: len(texts)]))
+        out = {f"eval/{k}": float(v) for k, v in metrics.items()}
+        out["eval/num_examples"] = float(len(index))
+        out["eval/seconds"] = time.perf_counter() - start
+        self.last_samples = list(zip(references[: len(texts)], texts))
+        return out
 
 
 def main(argv=None) -> int:
-  from mmjax.config_loading import ConfigError, apply_override, from_json_file, split_config_flags
-  from mmjax.train import Trainer  # Same restore path as training.
+    from mmjax.config_loading import ConfigError, apply_override, from_json_file, split_config_flags
+    from mmjax.train import Trainer  # Same restore path as training.
 
-  argv = list(sys.argv[1:] if argv is None else argv)
-  try:
-    rest, overrides = split_config_flags(argv)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  parser = argparse.ArgumentParser(prog="python -m mmjax.evaluate", allow_abbrev=False)
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-  args = parser.parse_args(rest)
-  workdir = Path(args.workdir)
-  if not (workdir / "config.json").is_file():
-    print(f"error: {workdir}/config.json not found: is --workdir a training directory?",
-          file=sys.stderr)
-    return 2
-  config = from_json_file(workdir / "config.json")
-  try:
-    for item in overrides:
-      key, _, value = item.partition("=")
-      apply_override(config, key, value)
-    trainer = Trainer(config, workdir, for_eval=True)
-    step = trainer.restore(args.step)
-  except (ConfigError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  metrics = trainer.evaluator.run(trainer.state.params)
-  metrics["step"] = step
-  if jax.process_index() == 0:
-    (workdir / "eval.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    for key, value in sorted(metrics.items()):
-      print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
-    for ref, hyp in trainer.evaluator.last_samples[:5]:
-      print(f"  reference: {ref!r}\n  generated: {hyp!r}")
-    print(f"wrote {workdir / 'eval.json'}")
-  trainer.close()
-  return 0
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rest, overrides = split_config_flags(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(prog="python -m mmjax.evaluate", allow_abbrev=False)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    args = parser.parse_args(rest)
+    workdir = Path(args.workdir)
+    if not (workdir / "config.json").is_file():
+        print(
+            f"error: {workdir}/config.json not found: is --workdir a training directory?",
+            file=sys.stderr,
+        )
+        return 2
+    config = from_json_file(workdir / "config.json")
+    try:
+        for item in overrides:
+            key, _, value = item.partition("=")
+            apply_override(config, key, value)
+        trainer = Trainer(config, workdir, for_eval=True)
+        step = trainer.restore(args.step)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    metrics = trainer.evaluator.run(trainer.state.params)
+    metrics["step"] = step
+    if jax.process_index() == 0:
+        (workdir / "eval.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        for key, value in sorted(metrics.items()):
+            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+        for ref, hyp in trainer.evaluator.last_samples[:5]:
+            print(f"  reference: {ref!r}\n  generated: {hyp!r}")
+        print(f"wrote {workdir / 'eval.json'}")
+    trainer.close()
+    return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

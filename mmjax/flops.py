@@ -22,103 +22,118 @@ from mmjax.models.config import ModelConfig
 
 
 def _block(tokens: int, width: int, mlp: int, attn_keys: float) -> float:
-  """Self-attention block: qkv + out projections, scores + values, MLP."""
-  proj = 4 * tokens * width * width
-  attention = 2 * tokens * attn_keys * width
-  return 2 * (proj + attention + 2 * tokens * width * mlp)
+    """Self-attention block: qkv + out projections, scores + values, MLP."""
+    proj = 4 * tokens * width * width
+    attention = 2 * tokens * attn_keys * width
+    return 2 * (proj + attention + 2 * tokens * width * mlp)
 
 
-def _cross(queries: int, keys: int, width: int, kv_width: int, shared_queries: bool = False) -> float:
-  """Cross-attention; learned (shared) queries are projected once per batch, not per example."""
-  q_proj = 0 if shared_queries else queries * width * width
-  proj = q_proj + queries * width * width + 2 * keys * kv_width * width
-  return 2 * (proj + 2 * queries * keys * width)
+def _cross(
+    queries: int, keys: int, width: int, kv_width: int, shared_queries: bool = False
+) -> float:
+    """Cross-attention; learned (shared) queries are projected once per batch, not per example."""
+    q_proj = 0 if shared_queries else queries * width * width
+    proj = q_proj + queries * width * width + 2 * keys * kv_width * width
+    return 2 * (proj + 2 * queries * keys * width)
 
 
-def forward_flops_per_example(cfg: ModelConfig, *, with_captioning: bool = True,
-                              causal_discount: bool = True) -> float:
-  """Forward matmul FLOPs for one image-caption pair."""
-  np_, wv, wt = cfg.num_patches, cfg.vit_width, cfg.text_width
-  half = 0.5 if causal_discount else 1.0
-  flops = 2 * np_ * (cfg.patch_size ** 2 * 3) * wv
-  flops += cfg.vit_layers * _block(np_, wv, cfg.vit_mlp_dim, np_)
-  flops += _cross(1, np_, wv, wv, shared_queries=True)  # Contrastive pooler.
-  t_enc = cfg.context_length  # L-1 tokens + CLS.
-  flops += cfg.text_layers * _block(t_enc, wt, cfg.text_mlp_dim, t_enc * half)
-  flops += 2 * (wv + wt) * cfg.embed_dim
-  if with_captioning:  # The caption pooler only feeds the decoder; unused, XLA drops it.
-    flops += _cross(cfg.caption_queries, np_, wv, wv, shared_queries=True)
-    t_dec = cfg.context_length - 1
-    per_layer = _block(t_dec, wt, cfg.text_mlp_dim, t_dec * half)
-    per_layer += _cross(t_dec, cfg.caption_queries, wt, wv)
-    flops += cfg.decoder_layers * per_layer + 2 * t_dec * wt * cfg.vocab_size
-  return float(flops)
+def forward_flops_per_example(
+    cfg: ModelConfig, *, with_captioning: bool = True, causal_discount: bool = True
+) -> float:
+    """Forward matmul FLOPs for one image-caption pair."""
+    np_, wv, wt = cfg.num_patches, cfg.vit_width, cfg.text_width
+    half = 0.5 if causal_discount else 1.0
+    flops = 2 * np_ * (cfg.patch_size**2 * 3) * wv
+    flops += cfg.vit_layers * _block(np_, wv, cfg.vit_mlp_dim, np_)
+    flops += _cross(1, np_, wv, wv, shared_queries=True)  # Contrastive pooler.
+    t_enc = cfg.context_length  # L-1 tokens + CLS.
+    flops += cfg.text_layers * _block(t_enc, wt, cfg.text_mlp_dim, t_enc * half)
+    flops += 2 * (wv + wt) * cfg.embed_dim
+    if with_captioning:  # The caption pooler only feeds the decoder; unused, XLA drops it.
+        flops += _cross(cfg.caption_queries, np_, wv, wv, shared_queries=True)
+        t_dec = cfg.context_length - 1
+        per_layer = _block(t_dec, wt, cfg.text_mlp_dim, t_dec * half)
+        per_layer += _cross(t_dec, cfg.caption_queries, wt, wv)
+        flops += cfg.decoder_layers * per_layer + 2 * t_dec * wt * cfg.vocab_size
+    return float(flops)
 
 
-def train_flops_per_step(cfg: ModelConfig, batch_size: int, *, with_captioning: bool = True,
-                         causal_discount: bool = True) -> float:
-  per_example = forward_flops_per_example(cfg, with_captioning=with_captioning,
-                                          causal_discount=causal_discount)
-  contrastive_logits = 2 * batch_size * cfg.embed_dim  # Per example: one row of B x B.
-  return 3.0 * batch_size * (per_example + contrastive_logits)
+def train_flops_per_step(
+    cfg: ModelConfig, batch_size: int, *, with_captioning: bool = True, causal_discount: bool = True
+) -> float:
+    per_example = forward_flops_per_example(
+        cfg, with_captioning=with_captioning, causal_discount=causal_discount
+    )
+    contrastive_logits = 2 * batch_size * cfg.embed_dim  # Per example: one row of B x B.
+    return 3.0 * batch_size * (per_example + contrastive_logits)
 
 
 # Dense bf16 peaks per chip from vendor data sheets (FLOP/s).
 _KNOWN_PEAKS = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-    "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "A10": 125e12,
 }
 
 
 def _cache_file() -> Path:
-  root = Path(os.environ.get("MMJAX_CACHE", Path.home() / ".cache" / "mmjax"))
-  return root / "peak_flops.json"
+    root = Path(os.environ.get("MMJAX_CACHE", Path.home() / ".cache" / "mmjax"))
+    return root / "peak_flops.json"
 
 
-def measure_matmul_flops(dtype=jnp.float32, n: int = 2048, repeats: int = 5,
-                         device: jax.Device | None = None) -> float:
-  """Best-of-`repeats` rate of an n x n x n matmul on one device."""
-  device = device or jax.devices()[0]
-  a = jax.device_put(jnp.ones((n, n), dtype), device)
-  b = jax.device_put(jnp.ones((n, n), dtype), device)
-  matmul = jax.jit(lambda x, y: x @ y)
-  matmul(a, b).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
+def measure_matmul_flops(
+    dtype=jnp.float32, n: int = 2048, repeats: int = 5, device: jax.Device | None = None
+) -> float:
+    """Best-of-`repeats` rate of an n x n x n matmul on one device."""
+    device = device or jax.devices()[0]
+    a = jax.device_put(jnp.ones((n, n), dtype), device)
+    b = jax.device_put(jnp.ones((n, n), dtype), device)
+    matmul = jax.jit(lambda x, y: x @ y)
     matmul(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * n ** 3 / best
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
 
 
 def peak_flops(dtype: str = "float32", *, fresh: bool = False) -> tuple[float, str]:
-  """(peak FLOP/s of the whole job's devices, where the number came from).
+    """(peak FLOP/s of the whole job's devices, where the number came from).
 
-  Accelerators with a known data-sheet peak use it (bf16 dense; f32 runs are
-  then judged against bf16, as MFU usually is). Anything else, notably the
-  CPU, is measured once by a matmul and cached (`fresh` re-measures: the
-  benchmark compares against a peak taken in the same run). On the CPU all
-  forced host devices share the same cores, so the machine's rate is the peak.
-  """
-  devices = jax.devices()
-  kind = devices[0].device_kind
-  for name, value in _KNOWN_PEAKS.items():
-    if name.lower() in kind.lower():
-      return value * len(devices), f"data sheet ({kind})"
-  key = f"{jax.default_backend()}|{kind}|{dtype}|{os.cpu_count()}"
-  cache = _cache_file()
-  try:
-    table = json.loads(cache.read_text())
-  except (OSError, ValueError):
-    table = {}
-  if fresh or key not in table:
-    table[key] = measure_matmul_flops(jnp.dtype(dtype))
+    Accelerators with a known data-sheet peak use it (bf16 dense; f32 runs are
+    then judged against bf16, as MFU usually is). Anything else, notably the
+    CPU, is measured once by a matmul and cached (`fresh` re-measures: the
+    benchmark compares against a peak taken in the same run). On the CPU all
+    forced host devices share the same cores, so the machine's rate is the peak.
+    """
+    devices = jax.devices()
+    kind = devices[0].device_kind
+    for name, value in _KNOWN_PEAKS.items():
+        if name.lower() in kind.lower():
+            return value * len(devices), f"data sheet ({kind})"
+    key = f"{jax.default_backend()}|{kind}|{dtype}|{os.cpu_count()}"
+    cache = _cache_file()
     try:
-      cache.parent.mkdir(parents=True, exist_ok=True)
-      cache.write_text(json.dumps(table, indent=1))
-    except OSError:
-      pass  # A read-only home only costs a re-measurement next time.
-  rate = table[key]
-  scale = 1 if jax.default_backend() == "cpu" else len(devices)
-  return rate * scale, f"measured {dtype} matmul ({kind})"
+        table = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        table = {}
+    if fresh or key not in table:
+        table[key] = measure_matmul_flops(jnp.dtype(dtype))
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(table, indent=1))
+        except OSError:
+            pass  # A read-only home only costs a re-measurement next time.
+    rate = table[key]
+    scale = 1 if jax.default_backend() == "cpu" else len(devices)
+    return rate * scale, f"measured {dtype} matmul ({kind})"

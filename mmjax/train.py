@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import sys
 import time
@@ -45,270 +44,365 @@ PAD_ID = 0
 
 
 class TrainingDiverged(RuntimeError):
-  """A NaN/Inf loss: the run stops; earlier checkpoints stay as they are."""
+    """A NaN/Inf loss: the run stops; earlier checkpoints stay as they are."""
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: CoCa,
-               tx: optax.GradientTransformation, loss_config: ml_collections.ConfigDict,
-               schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on a global batch. Pure: no side effects, no host sync."""
-  images, tokens = batch["images"], batch["tokens"]
-  caption_weight = loss_config.caption_weight
-  contrastive_weight = loss_config.contrastive_weight
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    model: CoCa,
+    tx: optax.GradientTransformation,
+    loss_config: ml_collections.ConfigDict,
+    schedule: optax.Schedule,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a global batch. Pure: no side effects, no host sync."""
+    images, tokens = batch["images"], batch["tokens"]
+    caption_weight = loss_config.caption_weight
+    contrastive_weight = loss_config.contrastive_weight
 
-  def loss_fn(params):
-    out = model.apply({"params": params}, images, tokens, with_captioning=caption_weight > 0)
-    con = contrastive_loss(loss_config.contrastive, out["image_emb"], out["text_emb"],
-                           out["scale"], out["bias"])
-    if caption_weight > 0:
-      cap, _ = caption_loss(out["logits"], tokens[:, 1:], PAD_ID)
-    else:  # CLIP-only ablation: the decoder is not run at all.
-      cap = jnp.zeros((), jnp.float32)
-    loss = contrastive_weight * con + caption_weight * cap
-    return loss, dict(contrastive_loss=con, caption_loss=cap, temperature=1.0 / out["scale"],
-                      logit_bias=out["bias"])
+    def loss_fn(params):
+        out = model.apply({"params": params}, images, tokens, with_captioning=caption_weight > 0)
+        con = contrastive_loss(
+            loss_config.contrastive, out["image_emb"], out["text_emb"], out["scale"], out["bias"]
+        )
+        if caption_weight > 0:
+            cap, _ = caption_loss(out["logits"], tokens[:, 1:], PAD_ID)
+        else:  # CLIP-only ablation: the decoder is not run at all.
+            cap = jnp.zeros((), jnp.float32)
+        loss = contrastive_weight * con + caption_weight * cap
+        return loss, dict(
+            contrastive_loss=con,
+            caption_loss=cap,
+            temperature=1.0 / out["scale"],
+            logit_bias=out["bias"],
+        )
 
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = dict(loss=loss, grad_norm=optax.global_norm(grads),
-                 learning_rate=schedule(state.step), **aux)
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            rng=jax.random.fold_in(state.rng, state.step))
-  return new_state, metrics
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(
+        loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step), **aux
+    )
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        rng=jax.random.fold_in(state.rng, state.step),
+    )
+    return new_state, metrics
 
 
 def check_devices(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
-  """Mesh and batch checks that need the device count; raise ConfigError."""
-  try:
-    shape = shd.resolve_mesh_shape(dict(config.mesh), num_devices)
-  except shd.MeshError as e:
-    raise ConfigError(str(e)) from None
-  data_parallel = shape[0] * shape[1]  # The batch goes over data x fsdp.
-  for key, value in (("batch_size", config.batch_size), ("eval.batch_size", config.eval.batch_size)):
-    if value % data_parallel:
-      raise ConfigError(f"{key}={value} is not divisible by the data-parallel size "
-                        f"{data_parallel} (mesh.data={shape[0]} x mesh.fsdp={shape[1]})")
-    if value % jax.process_count():
-      raise ConfigError(f"{key}={value} is not divisible by the {jax.process_count()} processes")
-  return shape
+    """Mesh and batch checks that need the device count; raise ConfigError."""
+    try:
+        shape = shd.resolve_mesh_shape(dict(config.mesh), num_devices)
+    except shd.MeshError as e:
+        raise ConfigError(str(e)) from None
+    data_parallel = shape[0] * shape[1]  # The batch goes over data x fsdp.
+    for key, value in (
+        ("batch_size", config.batch_size),
+        ("eval.batch_size", config.eval.batch_size),
+    ):
+        if value % data_parallel:
+            raise ConfigError(
+                f"{key}={value} is not divisible by the data-parallel size "
+                f"{data_parallel} (mesh.data={shape[0]} x mesh.fsdp={shape[1]})"
+            )
+        if value % jax.process_count():
+            raise ConfigError(
+                f"{key}={value} is not divisible by the {jax.process_count()} processes"
+            )
+    return shape
 
 
 def batch_shardings(mesh, rules) -> dict[str, Any]:
-  return {"images": shd.batch_sharding(mesh, rules, 4), "tokens": shd.batch_sharding(mesh, rules, 2)}
+    return {
+        "images": shd.batch_sharding(mesh, rules, 4),
+        "tokens": shd.batch_sharding(mesh, rules, 2),
+    }
 
 
 def compile_train_step(config, model: CoCa, tx, mesh, rules, abstract_state, state_shardings):
-  """Ahead-of-time compiled train step with explicit in/out shardings, donated state.
+    """Ahead-of-time compiled train step with explicit in/out shardings, donated state.
 
-  The same signature serves training, the benchmark and sharding tests.
-  """
-  step = functools.partial(train_step, model=model, tx=tx, loss_config=config.loss,
-                           schedule=learning_rate_schedule(config))
-  in_batch = batch_shardings(mesh, rules)
-  jitted = jax.jit(step, in_shardings=(state_shardings, in_batch),
-                   out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
-  m = model.cfg
-  abstract_batch = {
-      "images": jax.ShapeDtypeStruct((config.batch_size, m.image_size, m.image_size, 3),
-                                     jnp.uint8, sharding=in_batch["images"]),
-      "tokens": jax.ShapeDtypeStruct((config.batch_size, m.context_length), jnp.int32,
-                                     sharding=in_batch["tokens"]),
-  }
-  with shd.activate(mesh, rules):
-    return jitted.lower(abstract_state, abstract_batch).compile()
+    The same signature serves training, the benchmark and sharding tests.
+    """
+    step = functools.partial(
+        train_step,
+        model=model,
+        tx=tx,
+        loss_config=config.loss,
+        schedule=learning_rate_schedule(config),
+    )
+    in_batch = batch_shardings(mesh, rules)
+    jitted = jax.jit(
+        step,
+        in_shardings=(state_shardings, in_batch),
+        out_shardings=(state_shardings, shd.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    m = model.cfg
+    abstract_batch = {
+        "images": jax.ShapeDtypeStruct(
+            (config.batch_size, m.image_size, m.image_size, 3),
+            jnp.uint8,
+            sharding=in_batch["images"],
+        ),
+        "tokens": jax.ShapeDtypeStruct(
+            (config.batch_size, m.context_length), jnp.int32, sharding=in_batch["tokens"]
+        ),
+    }
+    with shd.activate(mesh, rules):
+        return jitted.lower(abstract_state, abstract_batch).compile()
 
 
 class Trainer:
-  """Owns everything a run needs; `fit()` trains, `restore()` loads a checkpoint."""
+    """Owns everything a run needs; `fit()` trains, `restore()` loads a checkpoint."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, *,
-               for_eval: bool = False):
-    self.config = config
-    self.workdir = Path(workdir)
-    self.is_chief = jax.process_index() == 0
-    check_devices(config, jax.device_count())
-    self.mesh = shd.make_mesh(dict(config.mesh))
-    self.rules = shd.rules_from_config(config.sharding_rules)
-    self.model_cfg = ModelConfig.from_mapping(config.model.to_dict())
-    self.model = CoCa(self.model_cfg)
-    self.train_source = make_source(config.data, "train", self.model_cfg.image_size)
-    self.tokenizer = self._tokenizer(for_eval)
-    self.tx = make_optimizer(config)
-    self.schedule = learning_rate_schedule(config)
-    self.abstract_state, self.state_shardings = state_shardings(
-        self.model, self.tx, self.mesh, self.rules)
-    self.checkpointer = Checkpointer(self.workdir / "checkpoints",
-                                     max_to_keep=config.keep_checkpoints)
-    self.evaluator = Evaluator(config, self.model, self.mesh, self.rules, self.tokenizer)
-    self.state: TrainState | None = None
+    def __init__(
+        self, config: ml_collections.ConfigDict, workdir: str | Path, *, for_eval: bool = False
+    ):
+        self.config = config
+        self.workdir = Path(workdir)
+        self.is_chief = jax.process_index() == 0
+        check_devices(config, jax.device_count())
+        self.mesh = shd.make_mesh(dict(config.mesh))
+        self.rules = shd.rules_from_config(config.sharding_rules)
+        self.model_cfg = ModelConfig.from_mapping(config.model.to_dict())
+        self.model = CoCa(self.model_cfg)
+        self.train_source = make_source(config.data, "train", self.model_cfg.image_size)
+        self.tokenizer = self._tokenizer(for_eval)
+        self.tx = make_optimizer(config)
+        self.schedule = learning_rate_schedule(config)
+        self.abstract_state, self.state_shardings = state_shardings(
+            self.model, self.tx, self.mesh, self.rules
+        )
+        self.checkpointer = Checkpointer(
+            self.workdir / "checkpoints", max_to_keep=config.keep_checkpoints
+        )
+        self.evaluator = Evaluator(config, self.model, self.mesh, self.rules, self.tokenizer)
+        self.state: TrainState | None = None
 
-  def _tokenizer(self, for_eval: bool) -> Tokenizer:
-    path = Path(self.config.data.tokenizer or self.workdir / "tokenizer.model")
-    if for_eval or self.config.data.tokenizer:
-      if not path.is_file():
-        raise FileNotFoundError(f"tokenizer {path} not found (data.tokenizer)")
-      tok = Tokenizer.load(path)
-    else:  # Trained once from the training captions, then cached in the workdir.
-      tok = load_or_train_tokenizer(path, lambda: caption_sample(self.train_source),
-                                    self.config.data.tokenizer_vocab_size)
-    if tok.vocab_size > self.model_cfg.vocab_size:
-      raise ConfigError(f"model.vocab_size={self.model_cfg.vocab_size} is smaller than the "
-                        f"tokenizer's vocabulary ({tok.vocab_size}, {path})")
-    return tok
+    def _tokenizer(self, for_eval: bool) -> Tokenizer:
+        path = Path(self.config.data.tokenizer or self.workdir / "tokenizer.model")
+        if for_eval or self.config.data.tokenizer:
+            if not path.is_file():
+                raise FileNotFoundError(f"tokenizer {path} not found (data.tokenizer)")
+            tok = Tokenizer.load(path)
+        else:  # Trained once from the training captions, then cached in the workdir.
+            tok = load_or_train_tokenizer(
+                path,
+                lambda: caption_sample(self.train_source),
+                self.config.data.tokenizer_vocab_size,
+            )
+        if tok.vocab_size > self.model_cfg.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={self.model_cfg.vocab_size} is smaller than the "
+                f"tokenizer's vocabulary ({tok.vocab_size}, {path})"
+            )
+        return tok
 
-  def restore(self, step: int | None = None) -> int:
-    """Restores `step` (default: latest) onto this mesh; returns the step."""
-    step = self.checkpointer.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.checkpointer.directory}")
-    self.state = self.checkpointer.restore(step, self.abstract_state)
-    return step
+    def restore(self, step: int | None = None) -> int:
+        """Restores `step` (default: latest) onto this mesh; returns the step."""
+        step = self.checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.checkpointer.directory}")
+        self.state = self.checkpointer.restore(step, self.abstract_state)
+        return step
 
-  def compile_step(self):
-    return compile_train_step(self.config, self.model, self.tx, self.mesh, self.rules,
-                              self.abstract_state, self.state_shardings)
+    def compile_step(self):
+        return compile_train_step(
+            self.config,
+            self.model,
+            self.tx,
+            self.mesh,
+            self.rules,
+            self.abstract_state,
+            self.state_shardings,
+        )
 
-  def _to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    shardings = batch_shardings(self.mesh, self.rules)
-    return {k: jax.make_array_from_process_local_data(shardings[k], batch[k]) for k in shardings}
+    def _to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        shardings = batch_shardings(self.mesh, self.rules)
+        return {
+            k: jax.make_array_from_process_local_data(shardings[k], batch[k]) for k in shardings
+        }
 
-  def fit(self) -> dict[str, float]:
-    cfg = self.config
-    self.workdir.mkdir(parents=True, exist_ok=True)
-    if self.is_chief:
-      (self.workdir / "config.json").write_text(to_json(cfg))
-    latest = self.checkpointer.latest_step()
-    if latest is not None:
-      self.restore(latest)
-      self._log(f"resumed from {self.checkpointer.directory}/{latest}")
-    else:
-      self.state = create_train_state(self.model, self.tx, self.mesh, self.rules, cfg.seed)
-    start_step = int(jax.device_get(self.state.step))
+    def fit(self) -> dict[str, float]:
+        cfg = self.config
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.is_chief:
+            (self.workdir / "config.json").write_text(to_json(cfg))
+        latest = self.checkpointer.latest_step()
+        if latest is not None:
+            self.restore(latest)
+            self._log(f"resumed from {self.checkpointer.directory}/{latest}")
+        else:
+            self.state = create_train_state(self.model, self.tx, self.mesh, self.rules, cfg.seed)
+        start_step = int(jax.device_get(self.state.step))
 
-    t0 = time.perf_counter()
-    step_fn = self.compile_step()
-    compile_seconds = time.perf_counter() - t0
-    with_captioning = cfg.loss.caption_weight > 0
-    flops_per_step = train_flops_per_step(self.model_cfg, cfg.batch_size,
-                                          with_captioning=with_captioning)
-    peak, peak_source = peak_flops(self.model_cfg.dtype)
-    self._log(f"mesh {dict(self.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
-              f"devices; compiled in {compile_seconds:.1f}s; {flops_per_step / 1e9:.2f} GFLOP/step; "
-              f"peak {peak / 1e9:.1f} GFLOP/s ({peak_source})")
+        t0 = time.perf_counter()
+        step_fn = self.compile_step()
+        compile_seconds = time.perf_counter() - t0
+        with_captioning = cfg.loss.caption_weight > 0
+        flops_per_step = train_flops_per_step(
+            self.model_cfg, cfg.batch_size, with_captioning=with_captioning
+        )
+        peak, peak_source = peak_flops(self.model_cfg.dtype)
+        self._log(
+            f"mesh {dict(self.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
+            f"devices; compiled in {compile_seconds:.1f}s; {flops_per_step / 1e9:.2f} GFLOP/step; "
+            f"peak {peak / 1e9:.1f} GFLOP/s ({peak_source})"
+        )
 
-    batches = train_batches(
-        self.train_source, self.tokenizer, global_batch_size=cfg.batch_size,
-        context_length=self.model_cfg.context_length, seed=data_seed(cfg.seed),
-        start_step=start_step, process_index=jax.process_index(),
-        process_count=jax.process_count(), num_threads=cfg.data.num_threads,
-        prefetch=cfg.data.prefetch)
-    writer = MetricWriter(self.workdir, enabled=self.is_chief,
-                          resume_step=start_step if latest is not None else None)
-    # In logs (no terminal) redraw rarely instead of filling them with bars.
-    bar = tqdm(total=cfg.total_steps, initial=start_step, disable=not self.is_chief,
-               desc="train", unit="step", dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 30)
-    window: list[dict[str, float]] = []
-    pending = None  # (step, device metrics) of the step before, read one step late.
-    window_start, window_steps = time.perf_counter(), 0
-    last_eval: dict[str, float] = {}
-    try:
-      for step in range(start_step + 1, cfg.total_steps + 1):
-        batch = self._to_device(next(batches))
-        self.state, metrics = step_fn(self.state, batch)
-        if pending is not None:  # Reading the previous step keeps the device queue full.
-          window.append(self._checked(*pending))
-        pending = (step, metrics)
-        window_steps += 1
-        bar.update(1)
-        boundary = step == cfg.total_steps
-        do_log = step % cfg.log_every == 0 or boundary
-        do_ckpt = step % cfg.checkpoint_every == 0 or boundary
-        do_eval = step % cfg.eval_every == 0 or boundary
-        if not (do_log or do_ckpt or do_eval):
-          continue
-        window.append(self._checked(*pending))  # Never save a state whose loss is NaN.
-        pending = None
-        if do_log:
-          elapsed = time.perf_counter() - window_start
-          summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-          summary["examples_per_sec"] = window_steps * cfg.batch_size / elapsed
-          summary["step_seconds"] = elapsed / window_steps
-          summary["mfu"] = flops_per_step * window_steps / elapsed / peak
-          writer.write(step, summary)
-          bar.set_postfix(loss=f"{summary['loss']:.3f}", ex_s=f"{summary['examples_per_sec']:.0f}",
-                          mfu=f"{summary['mfu']:.2f}")
-          window = []
-        if do_ckpt:
-          self.checkpointer.save(step, self.state, batch_size=cfg.batch_size)
-        if do_eval:
-          last_eval = self.evaluator.run(self.state.params)
-          writer.write(step, last_eval)
-          bar.write(f"step {step}: " + ", ".join(
-              f"{k[5:]}={v:.3f}" for k, v in last_eval.items()
-              if k in ("eval/i2t_r1", "eval/t2i_r1", "eval/i2t_r1_samecap",
-                       "eval/caption_exact", "eval/caption_bleu4")))
-        window_start, window_steps = time.perf_counter(), 0  # Exclude eval/ckpt time.
-    except TrainingDiverged:
-      self.checkpointer.wait()  # Let saves of earlier, good states complete.
-      raise
-    finally:
-      bar.close()
-      writer.close()
-    self.checkpointer.wait()
-    return last_eval
+        batches = train_batches(
+            self.train_source,
+            self.tokenizer,
+            global_batch_size=cfg.batch_size,
+            context_length=self.model_cfg.context_length,
+            seed=data_seed(cfg.seed),
+            start_step=start_step,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            num_threads=cfg.data.num_threads,
+            prefetch=cfg.data.prefetch,
+        )
+        writer = MetricWriter(
+            self.workdir,
+            enabled=self.is_chief,
+            resume_step=start_step if latest is not None else None,
+        )
+        # In logs (no terminal) redraw rarely instead of filling them with bars.
+        bar = tqdm(
+            total=cfg.total_steps,
+            initial=start_step,
+            disable=not self.is_chief,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 30,
+        )
+        window: list[dict[str, float]] = []
+        pending = None  # (step, device metrics) of the step before, read one step late.
+        window_start, window_steps = time.perf_counter(), 0
+        last_eval: dict[str, float] = {}
+        try:
+            for step in range(start_step + 1, cfg.total_steps + 1):
+                batch = self._to_device(next(batches))
+                self.state, metrics = step_fn(self.state, batch)
+                if pending is not None:  # Reading the previous step keeps the device queue full.
+                    window.append(self._checked(*pending))
+                pending = (step, metrics)
+                window_steps += 1
+                bar.update(1)
+                boundary = step == cfg.total_steps
+                do_log = step % cfg.log_every == 0 or boundary
+                do_ckpt = step % cfg.checkpoint_every == 0 or boundary
+                do_eval = step % cfg.eval_every == 0 or boundary
+                if not (do_log or do_ckpt or do_eval):
+                    continue
+                window.append(self._checked(*pending))  # Never save a state whose loss is NaN.
+                pending = None
+                if do_log:
+                    elapsed = time.perf_counter() - window_start
+                    summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+                    summary["examples_per_sec"] = window_steps * cfg.batch_size / elapsed
+                    summary["step_seconds"] = elapsed / window_steps
+                    summary["mfu"] = flops_per_step * window_steps / elapsed / peak
+                    writer.write(step, summary)
+                    bar.set_postfix(
+                        loss=f"{summary['loss']:.3f}",
+                        ex_s=f"{summary['examples_per_sec']:.0f}",
+                        mfu=f"{summary['mfu']:.2f}",
+                    )
+                    window = []
+                if do_ckpt:
+                    self.checkpointer.save(step, self.state, batch_size=cfg.batch_size)
+                if do_eval:
+                    last_eval = self.evaluator.run(self.state.params)
+                    writer.write(step, last_eval)
+                    bar.write(
+                        f"step {step}: "
+                        + ", ".join(
+                            f"{k[5:]}={v:.3f}"
+                            for k, v in last_eval.items()
+                            if k
+                            in (
+                                "eval/i2t_r1",
+                                "eval/t2i_r1",
+                                "eval/i2t_r1_samecap",
+                                "eval/caption_exact",
+                                "eval/caption_bleu4",
+                            )
+                        )
+                    )
+                window_start, window_steps = time.perf_counter(), 0  # Exclude eval/ckpt time.
+        except TrainingDiverged:
+            self.checkpointer.wait()  # Let saves of earlier, good states complete.
+            raise
+        finally:
+            bar.close()
+            writer.close()
+        self.checkpointer.wait()
+        return last_eval
 
-  def _checked(self, step: int, metrics) -> dict[str, float]:
-    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    bad = [k for k in ("loss", "contrastive_loss", "caption_loss", "grad_norm")
-           if not math.isfinite(host[k])]
-    if bad:
-      good = self.checkpointer.latest_step()
-      where = f"step {good} in {self.checkpointer.directory}" if good else "none saved yet"
-      raise TrainingDiverged(
-          f"step {step}: non-finite {', '.join(f'{k}={host[k]}' for k in bad)}; stopped without "
-          f"saving. Last good checkpoint: {where}")
-    return host
+    def _checked(self, step: int, metrics) -> dict[str, float]:
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        bad = [
+            k
+            for k in ("loss", "contrastive_loss", "caption_loss", "grad_norm")
+            if not math.isfinite(host[k])
+        ]
+        if bad:
+            good = self.checkpointer.latest_step()
+            where = f"step {good} in {self.checkpointer.directory}" if good else "none saved yet"
+            raise TrainingDiverged(
+                f"step {step}: non-finite {', '.join(f'{k}={host[k]}' for k in bad)}; "
+                f"stopped without saving. Last good checkpoint: {where}"
+            )
+        return host
 
-  def _log(self, message: str) -> None:
-    if self.is_chief:
-      print(f"[mmjax] {message}", flush=True)
+    def _log(self, message: str) -> None:
+        if self.is_chief:
+            print(f"[mmjax] {message}", flush=True)
 
-  def close(self) -> None:
-    self.checkpointer.close()
+    def close(self) -> None:
+        self.checkpointer.close()
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-  rest, overrides = split_config_flags(argv)
-  parser = argparse.ArgumentParser(prog="python -m mmjax.train", allow_abbrev=False,
-                                   description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", required=True, help="configs/FILE.py[:ARG]")
-  parser.add_argument("--workdir", required=True, help="where checkpoints and metrics go")
-  return parser.parse_args(rest), overrides
+    rest, overrides = split_config_flags(argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m mmjax.train", allow_abbrev=False, description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--config", required=True, help="configs/FILE.py[:ARG]")
+    parser.add_argument("--workdir", required=True, help="where checkpoints and metrics go")
+    return parser.parse_args(rest), overrides
 
 
 def main(argv: list[str] | None = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  try:
-    args, overrides = parse_args(argv)
-    config = load_config(args.config, overrides)
-    trainer = Trainer(config, args.workdir)
-  except (ConfigError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  try:
-    trainer.fit()
-  except TrainingDiverged as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 3
-  finally:
-    trainer.close()
-  print(f"[mmjax] done: metrics in {Path(args.workdir) / 'metrics.jsonl'}, checkpoints in "
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args, overrides = parse_args(argv)
+        config = load_config(args.config, overrides)
+        trainer = Trainer(config, args.workdir)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        trainer.fit()
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        trainer.close()
+    print(
+        f"[mmjax] done: metrics in {Path(args.workdir) / 'metrics.jsonl'}, checkpoints in "
         f"{Path(args.workdir) / 'checkpoints'}, TensorBoard logs in "
-        f"{Path(args.workdir) / 'tensorboard'}")
-  return 0
+        f"{Path(args.workdir) / 'tensorboard'}"
+    )
+    return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

@@ -37,15 +37,26 @@ def setup():
     eos_at = [3, 6, 10, 14]
     for row, e in enumerate(eos_at):
         padded[row, e] = EOS
-        padded[row, e + 1:] = PAD
+        padded[row, e + 1 :] = PAD
     params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), images, full)["params"])
-    return dict(model=model, cfg=cfg, params=params, images=images, full=full, padded=padded,
-                eos_at=eos_at, encode_text=jax.jit(functools.partial(model.apply,
-                                                                     method=CoCa.encode_text)),
-                forward=jax.jit(model.apply),
-                encode_image=jax.jit(functools.partial(
-                    model.apply, method=CoCa.encode_image,
-                    capture_intermediates=lambda mdl, _: mdl.path == ("image_encoder", "blocks"))))
+    return dict(
+        model=model,
+        cfg=cfg,
+        params=params,
+        images=images,
+        full=full,
+        padded=padded,
+        eos_at=eos_at,
+        encode_text=jax.jit(functools.partial(model.apply, method=CoCa.encode_text)),
+        forward=jax.jit(model.apply),
+        encode_image=jax.jit(
+            functools.partial(
+                model.apply,
+                method=CoCa.encode_image,
+                capture_intermediates=lambda mdl, _: mdl.path == ("image_encoder", "blocks"),
+            )
+        ),
+    )
 
 
 def _text(s, params, tokens):
@@ -54,8 +65,9 @@ def _text(s, params, tokens):
 
 
 def _logits(s, params, images, tokens):
-    return np.asarray(s["forward"]({"params": params}, jnp.asarray(images),
-                                   jnp.asarray(tokens))["logits"])
+    return np.asarray(
+        s["forward"]({"params": params}, jnp.asarray(images), jnp.asarray(tokens))["logits"]
+    )
 
 
 def _replace_token(tokens, j, rng):
@@ -107,12 +119,12 @@ def test_padding_is_invisible_to_cls_and_real_positions(setup):
     logits = _logits(s, s["params"], s["images"], s["padded"])
     logits2 = _logits(s, perturbed, s["images"], s["padded"])
     for row, e in enumerate(s["eos_at"]):
-        np.testing.assert_allclose(feats2[row, :e + 1], feats[row, :e + 1], **EXACT)
+        np.testing.assert_allclose(feats2[row, : e + 1], feats[row, : e + 1], **EXACT)
         # Logits at positions <= EOS (all positions the caption loss uses) are unchanged.
-        np.testing.assert_allclose(logits2[row, :e + 1], logits[row, :e + 1], **EXACT)
+        np.testing.assert_allclose(logits2[row, : e + 1], logits[row, : e + 1], **EXACT)
         # The perturbation is real: the padded positions themselves do change.
         if e + 1 < feats.shape[1]:
-            assert np.abs(feats2[row, e + 1:] - feats[row, e + 1:]).max() > 1e-3
+            assert np.abs(feats2[row, e + 1 :] - feats[row, e + 1 :]).max() > 1e-3
 
 
 def test_real_tokens_do_reach_cls(setup):
@@ -123,7 +135,8 @@ def test_real_tokens_do_reach_cls(setup):
     table = s["params"]["text_encoder"]["token_embed"]["embedding"]
     params = jax.tree.map(lambda x: x, s["params"])
     params["text_encoder"]["token_embed"]["embedding"] = table.at[EOS].add(
-        5.0 * jax.random.normal(jax.random.PRNGKey(0), table.shape[1:]))
+        5.0 * jax.random.normal(jax.random.PRNGKey(0), table.shape[1:])
+    )
     emb2, _ = _text(s, params, s["padded"])
     assert np.all(np.abs(emb2 - emb).max(axis=-1) > 1e-3)
 

@@ -25,107 +25,156 @@ FAST_SECONDS = 15.0  # Generous: failing runs finish in a few seconds; a compile
 
 @pytest.fixture
 def no_compile(monkeypatch):
-  """Any attempt to build a train state or compile a step fails the test."""
-  def forbidden(*args, **kwargs):
-    raise AssertionError("a config error must be reported before any state or compilation")
-  monkeypatch.setattr(train.Trainer, "compile_step", forbidden)
-  monkeypatch.setattr(train, "create_train_state", forbidden)
-  monkeypatch.setattr(train, "compile_train_step", forbidden, raising=False)
+    """Any attempt to build a train state or compile a step fails the test."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a config error must be reported before any state or compilation")
+
+    monkeypatch.setattr(train.Trainer, "compile_step", forbidden)
+    monkeypatch.setattr(train, "create_train_state", forbidden)
+    monkeypatch.setattr(train, "compile_train_step", forbidden, raising=False)
 
 
 def _single_error_line(stderr: str) -> str:
-  lines = [line for line in stderr.splitlines() if "error:" in line]
-  assert len(lines) == 1, f"want exactly one error: line on stderr, got:\n{stderr}"
-  assert lines[0].startswith("error: "), lines[0]
-  return lines[0]
+    lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, f"want exactly one error: line on stderr, got:\n{stderr}"
+    assert lines[0].startswith("error: "), lines[0]
+    return lines[0]
 
 
 def _check_in_process(capsys, tmp_path, argv_tail, *fragments, config=CONFIG + ":size=tiny"):
-  workdir = tmp_path / "run"
-  start = time.perf_counter()
-  code = train.main(["--config", config, "--workdir", str(workdir), *argv_tail])
-  elapsed = time.perf_counter() - start
-  out, err = capsys.readouterr()
-  assert code == 2, f"exit code {code}; stderr:\n{err}"
-  line = _single_error_line(err)
-  for fragment in fragments:
-    assert fragment in line, f"{fragment!r} not in {line!r}"
-  assert elapsed < FAST_SECONDS, f"took {elapsed:.1f}s: not failing fast"
-  assert not (workdir / "checkpoints").exists()
-  assert not (workdir / "metrics.jsonl").exists()
-  assert "compiled in" not in out
-  return line
+    workdir = tmp_path / "run"
+    start = time.perf_counter()
+    code = train.main(["--config", config, "--workdir", str(workdir), *argv_tail])
+    elapsed = time.perf_counter() - start
+    out, err = capsys.readouterr()
+    assert code == 2, f"exit code {code}; stderr:\n{err}"
+    line = _single_error_line(err)
+    for fragment in fragments:
+        assert fragment in line, f"{fragment!r} not in {line!r}"
+    assert elapsed < FAST_SECONDS, f"took {elapsed:.1f}s: not failing fast"
+    assert not (workdir / "checkpoints").exists()
+    assert not (workdir / "metrics.jsonl").exists()
+    assert "compiled in" not in out
+    return line
 
 
 def test_mesh_product_differs_from_device_count(capsys, tmp_path, no_compile):
-  n = jax.device_count()  # 1 under a plain pytest; robust to a forced count.
-  _check_in_process(capsys, tmp_path, [f"--config.mesh.data={n + 2}"],
-                    f"mesh.data={n + 2}", "mesh.fsdp=1", "mesh.tensor=1",
-                    f"multiply to {n + 2}", f"there are {n} devices", "-1")
+    n = jax.device_count()  # 1 under a plain pytest; robust to a forced count.
+    _check_in_process(
+        capsys,
+        tmp_path,
+        [f"--config.mesh.data={n + 2}"],
+        f"mesh.data={n + 2}",
+        "mesh.fsdp=1",
+        "mesh.tensor=1",
+        f"multiply to {n + 2}",
+        f"there are {n} devices",
+        "-1",
+    )
 
 
 def test_unknown_model_key(capsys, tmp_path, no_compile):
-  line = _check_in_process(capsys, tmp_path, ["--config.model.foo=1"], "'model.foo'",
-                           "under 'model'")
-  for allowed in ("vit_width", "text_layers", "vocab_size"):
-    assert allowed in line
+    line = _check_in_process(
+        capsys, tmp_path, ["--config.model.foo=1"], "'model.foo'", "under 'model'"
+    )
+    for allowed in ("vit_width", "text_layers", "vocab_size"):
+        assert allowed in line
 
 
 def test_unknown_top_level_key(capsys, tmp_path, no_compile):
-  line = _check_in_process(capsys, tmp_path, ["--config.fooo=1"], "'fooo'", "at the top level")
-  for allowed in ("batch_size", "total_steps", "model", "optimizer"):
-    assert f"'{allowed}'" in line
+    line = _check_in_process(capsys, tmp_path, ["--config.fooo=1"], "'fooo'", "at the top level")
+    for allowed in ("batch_size", "total_steps", "model", "optimizer"):
+        assert f"'{allowed}'" in line
 
 
 def test_unknown_contrastive_loss(capsys, tmp_path, no_compile):
-  _check_in_process(capsys, tmp_path, ["--config.loss.contrastive=hinge"],
-                    "loss.contrastive='hinge'", "'softmax'", "'sigmoid'")
+    _check_in_process(
+        capsys,
+        tmp_path,
+        ["--config.loss.contrastive=hinge"],
+        "loss.contrastive='hinge'",
+        "'softmax'",
+        "'sigmoid'",
+    )
 
 
 def test_unknown_model_size(capsys, tmp_path, no_compile):
-  _check_in_process(capsys, tmp_path, [], "size='huge'", "'tiny'", "'base'", "'large'",
-                    config=CONFIG + ":size=huge")
+    _check_in_process(
+        capsys,
+        tmp_path,
+        [],
+        "size='huge'",
+        "'tiny'",
+        "'base'",
+        "'large'",
+        config=CONFIG + ":size=huge",
+    )
 
 
 def test_malformed_value(capsys, tmp_path, no_compile):
-  _check_in_process(capsys, tmp_path, ["--config.batch_size=abc"],
-                    "config.batch_size='abc'", "not a valid int")
+    _check_in_process(
+        capsys, tmp_path, ["--config.batch_size=abc"], "config.batch_size='abc'", "not a valid int"
+    )
 
 
 def _run_cli(tmp_path, *overrides, devices=8):
-  workdir = tmp_path / "run"
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
-  start = time.perf_counter()
-  proc = subprocess.run(
-      [sys.executable, "-m", "mmjax.train", "--config", CONFIG + ":size=tiny",
-       "--workdir", str(workdir), *overrides],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-  elapsed = time.perf_counter() - start
-  assert proc.returncode == 2, f"exit code {proc.returncode}; stderr:\n{proc.stderr}"
-  assert elapsed < FAST_SECONDS, f"took {elapsed:.1f}s: not failing fast"
-  assert not (workdir / "checkpoints").exists()
-  assert "compiled in" not in proc.stdout
-  return _single_error_line(proc.stderr), proc.stderr
+    workdir = tmp_path / "run"
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+    )
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmjax.train",
+            "--config",
+            CONFIG + ":size=tiny",
+            "--workdir",
+            str(workdir),
+            *overrides,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 2, f"exit code {proc.returncode}; stderr:\n{proc.stderr}"
+    assert elapsed < FAST_SECONDS, f"took {elapsed:.1f}s: not failing fast"
+    assert not (workdir / "checkpoints").exists()
+    assert "compiled in" not in proc.stdout
+    return _single_error_line(proc.stderr), proc.stderr
 
 
 def test_mesh_product_differs_from_8_devices(tmp_path):
-  line, _ = _run_cli(tmp_path, "--config.mesh.data=2", "--config.mesh.fsdp=2",
-                        "--config.mesh.tensor=1")
-  for fragment in ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=1", "multiply to 4",
-                   "there are 8 devices", "-1"):
-    assert fragment in line, f"{fragment!r} not in {line!r}"
+    line, _ = _run_cli(
+        tmp_path, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=1"
+    )
+    for fragment in (
+        "mesh.data=2",
+        "mesh.fsdp=2",
+        "mesh.tensor=1",
+        "multiply to 4",
+        "there are 8 devices",
+        "-1",
+    ):
+        assert fragment in line, f"{fragment!r} not in {line!r}"
 
 
 def test_batch_not_divisible_by_data_parallel_size(tmp_path):
-  # Default mesh data=-1 fills the 8 devices: data-parallel size 8.
-  line, _ = _run_cli(tmp_path, "--config.batch_size=6")
-  for fragment in ("batch_size=6", "data-parallel size 8", "mesh.data=8", "mesh.fsdp=1"):
-    assert fragment in line, f"{fragment!r} not in {line!r}"
+    # Default mesh data=-1 fills the 8 devices: data-parallel size 8.
+    line, _ = _run_cli(tmp_path, "--config.batch_size=6")
+    for fragment in ("batch_size=6", "data-parallel size 8", "mesh.data=8", "mesh.fsdp=1"):
+        assert fragment in line, f"{fragment!r} not in {line!r}"
 
 
 def test_subprocess_exit_code_and_clean_stderr(tmp_path):
-  """The `python -m` path itself: exit status 2 and stderr is exactly the one error line."""
-  line, stderr = _run_cli(tmp_path, "--config.model.foo=1", devices=1)
-  assert "'model.foo'" in line
-  assert stderr.strip().splitlines() == [line]
+    """The `python -m` path itself: exit status 2 and stderr is exactly the one error line."""
+    line, stderr = _run_cli(tmp_path, "--config.model.foo=1", devices=1)
+    assert "'model.foo'" in line
+    assert stderr.strip().splitlines() == [line]

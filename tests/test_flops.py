@@ -29,9 +29,17 @@ from mmjax.train_state import state_shardings
 
 BATCH = 8
 # Widths 128 (MLP 512) so that matmuls dominate; two layers per tower keep compiling quick.
-MID = ["model.vit_width=128", "model.text_width=128", "model.vit_mlp_dim=512",
-       "model.text_mlp_dim=512", "model.embed_dim=128", "model.vit_layers=2",
-       "model.text_layers=2", "model.decoder_layers=2", "model.remat=none"]
+MID = [
+    "model.vit_width=128",
+    "model.text_width=128",
+    "model.vit_mlp_dim=512",
+    "model.text_mlp_dim=512",
+    "model.embed_dim=128",
+    "model.vit_layers=2",
+    "model.text_layers=2",
+    "model.decoder_layers=2",
+    "model.remat=none",
+]
 LOW, HIGH = 0.93, 1.01
 
 
@@ -42,10 +50,17 @@ def _lowered(overrides):
     model, tx = CoCa(cfg), make_optimizer(config)
     mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     state, _ = state_shardings(model, tx, mesh, shd.DEFAULT_RULES)
-    batch = {"images": jax.ShapeDtypeStruct((BATCH, cfg.image_size, cfg.image_size, 3), jnp.uint8),
-             "tokens": jax.ShapeDtypeStruct((BATCH, cfg.context_length), jnp.int32)}
-    step = functools.partial(train_step, model=model, tx=tx, loss_config=config.loss,
-                             schedule=learning_rate_schedule(config))
+    batch = {
+        "images": jax.ShapeDtypeStruct((BATCH, cfg.image_size, cfg.image_size, 3), jnp.uint8),
+        "tokens": jax.ShapeDtypeStruct((BATCH, cfg.context_length), jnp.int32),
+    }
+    step = functools.partial(
+        train_step,
+        model=model,
+        tx=tx,
+        loss_config=config.loss,
+        schedule=learning_rate_schedule(config),
+    )
     return cfg, config.loss.caption_weight > 0, jax.jit(step).lower(state, batch)
 
 
@@ -56,15 +71,18 @@ def _flops(analysis) -> float:
 
 
 def _analytic(cfg, with_captioning):
-    return train_flops_per_step(cfg, BATCH, with_captioning=with_captioning,
-                                causal_discount=False)
+    return train_flops_per_step(cfg, BATCH, with_captioning=with_captioning, causal_discount=False)
 
 
 @pytest.fixture(scope="module")
 def unrolled():
     cfg, captioning, lowered = _lowered(["model.scan_layers=False"])
-    return dict(cfg=cfg, captioning=captioning, lowered=_flops(lowered.cost_analysis()),
-                compiled=_flops(lowered.compile().cost_analysis()))
+    return dict(
+        cfg=cfg,
+        captioning=captioning,
+        lowered=_flops(lowered.cost_analysis()),
+        compiled=_flops(lowered.compile().cost_analysis()),
+    )
 
 
 def test_analytic_count_matches_xla_for_the_unrolled_model(unrolled):
@@ -110,7 +128,6 @@ def test_causal_discount_halves_only_the_text_attention():
     causal = forward_flops_per_example(cfg, causal_discount=True)
     t_enc, t_dec, w = cfg.context_length, cfg.context_length - 1, cfg.text_width
     # Scores + values, forward: 4*T*T*W per layer; half of it is discounted.
-    saved = 0.5 * 4 * w * (cfg.text_layers * t_enc ** 2 + cfg.decoder_layers * t_dec ** 2)
+    saved = 0.5 * 4 * w * (cfg.text_layers * t_enc**2 + cfg.decoder_layers * t_dec**2)
     assert full - causal == pytest.approx(saved)
-    assert train_flops_per_step(cfg, 4) == pytest.approx(
-        3 * 4 * (causal + 2 * 4 * cfg.embed_dim))
+    assert train_flops_per_step(cfg, 4) == pytest.approx(3 * 4 * (causal + 2 * 4 * cfg.embed_dim))

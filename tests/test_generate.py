@@ -24,14 +24,16 @@ def _unstack(tree):
     for key, value in tree.items():
         if key == "blocks" and set(value) == {"layers"}:
             depth = jax.tree.leaves(value["layers"])[0].shape[0]
-            out[key] = {f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], value["layers"])
-                        for i in range(depth)}
+            out[key] = {
+                f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], value["layers"])
+                for i in range(depth)
+            }
         else:
             out[key] = _unstack(value)
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _scanned_params():
     """One random init (jit-compiled once), shared by every variant below."""
     cfg = ModelConfig.from_mapping(dict(SIZES["tiny"]))
@@ -48,7 +50,7 @@ def _model(scan_layers: bool, dtype: str = "float32"):
     return CoCa(cfg), params if scan_layers else _unstack(params), images
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward(scan_layers: bool):
     model, _, _ = _model(scan_layers)
     return jax.jit(lambda p, i, t: model.apply({"params": p}, i, t)["logits"])
@@ -57,8 +59,9 @@ def _forward(scan_layers: bool):
 @pytest.fixture(scope="module", params=[True, False], ids=["scan", "unrolled"])
 def setup(request):
     model, params, images = _model(request.param)
-    return dict(model=model, cfg=model.cfg, params=params, images=images,
-                forward=_forward(request.param))
+    return dict(
+        model=model, cfg=model.cfg, params=params, images=images, forward=_forward(request.param)
+    )
 
 
 def naive_greedy(s, eos_id: int) -> np.ndarray:
@@ -86,9 +89,11 @@ def _first_eos(row: np.ndarray, eos_id: int) -> int | None:
 def _pick_eos(tokens: np.ndarray) -> int:
     """The generated token whose first occurrences are spread most over the rows, so that rows
     stop at different steps (and ideally some never stop)."""
+
     def spread(v):
         stops = {_first_eos(row, v) for row in tokens[:, 1:]}
         return len(stops), v
+
     candidates = sorted(set(tokens[:, 2:].ravel().tolist()) - {PAD, BOS})
     return max(candidates, key=spread)
 
@@ -98,8 +103,9 @@ def generated(setup):
     s = setup
     free_run = naive_greedy(s, eos_id=-1)  # Never stops: 15 generated tokens per row.
     eos = _pick_eos(free_run)
-    tokens = np.asarray(make_generate_fn(s["model"], bos_id=BOS, eos_id=eos)(
-        s["params"], s["images"]))
+    tokens = np.asarray(
+        make_generate_fn(s["model"], bos_id=BOS, eos_id=eos)(s["params"], s["images"])
+    )
     return dict(eos=eos, tokens=tokens, free_run=free_run)
 
 
@@ -122,16 +128,20 @@ def test_decode_step_logits_match_full_model(setup):
         _, caption_tokens = model.apply({"params": params}, images, method=CoCa.encode_image)
         if cache is None:
             cache = _initial_cache(decoder, BATCH, caption_tokens)
-        logits, updated = decoder.apply({"params": params, "cache": cache}, tokens,
-                                        caption_tokens, method=CoCa.decode_step,
-                                        mutable=["cache"])
+        logits, updated = decoder.apply(
+            {"params": params, "cache": cache},
+            tokens,
+            caption_tokens,
+            method=CoCa.decode_step,
+            mutable=["cache"],
+        )
         return logits, updated["cache"]
 
     cache = jax.eval_shape(lambda: step(None, tokens[:, :chunk], s["images"])[1])
     cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), cache)
     pieces = []
     for start in range(0, cfg.context_length - 1, chunk):
-        logits, cache = step(cache, tokens[:, start:start + chunk], s["images"])
+        logits, cache = step(cache, tokens[:, start : start + chunk], s["images"])
         pieces.append(np.asarray(logits))
     cached = np.concatenate(pieces, axis=1)
     assert cached.shape == full.shape
@@ -173,9 +183,12 @@ def test_scanned_and_unrolled_models_agree():
     _, scanned, images = _model(True)
     _, unrolled, _ = _model(False)
     tokens = np.random.default_rng(2).integers(3, 256, (BATCH, 16)).astype(np.int32)
-    np.testing.assert_allclose(np.asarray(_forward(True)(scanned, images, tokens)),
-                               np.asarray(_forward(False)(unrolled, images, tokens)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(_forward(True)(scanned, images, tokens)),
+        np.asarray(_forward(False)(unrolled, images, tokens)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_bfloat16_generation_returns_int_tokens():

@@ -9,20 +9,28 @@ from mmjax.train import main
 
 @pytest.mark.slow
 def test_tiny_run_learns_retrieval_and_captions(tmp_path):
-  workdir = tmp_path / "run"
-  code = main(["--config", "configs/coca.py:size=tiny,steps=800", "--workdir", str(workdir),
-               "--config.eval_every=800", "--config.checkpoint_every=800",
-               "--config.log_every=100"])
-  assert code == 0
-  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-  train = [l for l in lines if "loss" in l]
-  final = [l for l in lines if "eval/i2t_r1" in l][-1]
-  assert train[-1]["loss"] < 0.3 * train[0]["loss"], (train[0]["loss"], train[-1]["loss"])
-  chance = 1 / final["eval/num_examples"]
-  # Retrieval far above chance (512 images: chance is 0.002) in both directions.
-  assert final["eval/i2t_r1"] > 50 * chance, final
-  assert final["eval/t2i_r1"] > 50 * chance, final
-  assert final["eval/i2t_r5"] > 0.6, final
-  # Mostly-correct captions: high BLEU, and a good share exactly right.
-  assert final["eval/caption_bleu4"] > 0.7, final
-  assert final["eval/caption_exact"] > 0.4, final
+    workdir = tmp_path / "run"
+    code = main(
+        [
+            "--config",
+            "configs/coca.py:size=tiny,steps=800",
+            "--workdir",
+            str(workdir),
+            "--config.eval_every=800",
+            "--config.checkpoint_every=800",
+            "--config.log_every=100",
+        ]
+    )
+    assert code == 0
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    final = [r for r in records if "eval/i2t_r1" in r][-1]
+    assert train[-1]["loss"] < 0.3 * train[0]["loss"], (train[0]["loss"], train[-1]["loss"])
+    chance = 1 / final["eval/num_examples"]
+    # Retrieval far above chance (512 images: chance is 0.002) in both directions.
+    assert final["eval/i2t_r1"] > 50 * chance, final
+    assert final["eval/t2i_r1"] > 50 * chance, final
+    assert final["eval/i2t_r5"] > 0.6, final
+    # Mostly-correct captions: high BLEU, and a good share exactly right.
+    assert final["eval/caption_bleu4"] > 0.7, final
+    assert final["eval/caption_exact"] > 0.4, final

@@ -29,11 +29,18 @@ def run_with_devices(code: str, num_devices: int = 8, timeout: float = 240) -> d
     """Runs `code` in a fresh Python with `num_devices` CPU devices; returns the JSON it prints
     as its last stdout line."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                        f" --xla_force_host_platform_device_count={num_devices}").strip()
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={num_devices}"
+    ).strip()
     env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, f"subprocess failed:\n{proc.stderr[-4000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -45,7 +52,8 @@ def _boxed_params(scan_layers: bool):
 
 def _leaves(tree):
     flat, _ = jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+        tree, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )
     return [(tuple(k.key for k in path), leaf) for path, leaf in flat]
 
 
@@ -159,14 +167,27 @@ def test_parameter_shardings_on_a_3d_mesh(sharded):
     scan, unrolled = sharded["scan"], sharded["unrolled"]
     vit = ("image_encoder", "blocks", "layers")
     expected_scan = {
-        _key(*vit, "attn", "query_kernel"): [None, "fsdp", "tensor", None],
-        _key(*vit, "attn", "query_bias"): [None, "tensor", None],
+        # Fused [embed, q/k/v, heads, head_dim] kernel: heads over tensor, embed over fsdp.
+        _key(*vit, "attn", "qkv_kernel"): [None, "fsdp", None, "tensor", None],
+        _key(*vit, "attn", "qkv_bias"): [None, None, "tensor", None],
         _key(*vit, "attn", "out_kernel"): [None, "tensor", None, "fsdp"],
         _key(*vit, "mlp", "fc1", "kernel"): [None, "fsdp", "tensor"],
         _key(*vit, "mlp", "fc2", "kernel"): [None, "tensor", "fsdp"],
         _key(*vit, "ln_attn", "scale"): [None, None],
-        _key("decoder", "blocks", "layers", "cross_attn", "key_kernel"):
-            [None, "fsdp", "tensor", None],
+        _key("decoder", "blocks", "layers", "cross_attn", "kv_kernel"): [
+            None,
+            "fsdp",
+            None,
+            "tensor",
+            None,
+        ],
+        _key("decoder", "blocks", "layers", "cross_attn", "query_kernel"): [
+            None,
+            "fsdp",
+            None,
+            "tensor",
+            None,
+        ],
         _key("text_encoder", "token_embed", "embedding"): ["tensor", "fsdp"],
         _key("decoder", "lm_head", "kernel"): ["fsdp", "tensor"],
         _key("decoder", "lm_head", "bias"): ["tensor"],
@@ -182,8 +203,12 @@ def test_parameter_shardings_on_a_3d_mesh(sharded):
         got = scan[key] + [None] * (len(spec) - len(scan[key]))
         assert got == spec, f"{key}: {scan[key]}"
     expected_unrolled = {
-        _key("image_encoder", "blocks", "layers_0", "attn", "query_kernel"):
-            ["fsdp", "tensor", None],
+        _key("image_encoder", "blocks", "layers_0", "attn", "qkv_kernel"): [
+            "fsdp",
+            None,
+            "tensor",
+            None,
+        ],
         _key("image_encoder", "blocks", "layers_1", "mlp", "fc1", "kernel"): ["fsdp", "tensor"],
         _key("text_encoder", "blocks", "layers_0", "mlp", "fc2", "kernel"): ["tensor", "fsdp"],
     }
@@ -224,14 +249,21 @@ def test_resolve_mesh_shape_fills_one_minus_one():
     assert dict(mesh.shape) == {"data": jax.device_count(), "fsdp": 1, "tensor": 1}
 
 
-@pytest.mark.parametrize("sizes, devices, names", [
-    ({"data": 3, "fsdp": 1, "tensor": 1}, 8, ["mesh.data=3", "mesh.fsdp=1", "mesh.tensor=1", "8"]),
-    ({"data": 2, "fsdp": 2, "tensor": 4}, 8, ["mesh.data=2", "mesh.tensor=4", "16"]),
-    ({"data": -1, "fsdp": -1, "tensor": 1}, 8, ["mesh.", "data", "fsdp"]),
-    ({"data": 2, "fsdp": 0, "tensor": 1}, 8, ["mesh.fsdp=0"]),
-    ({"data": -1, "fsdp": 3, "tensor": 1}, 8, ["mesh.data=-1", "3", "8"]),
-    ({"data": 1, "fsdp": 1, "tensor": -2}, 8, ["mesh.tensor=-2"]),
-])
+@pytest.mark.parametrize(
+    "sizes, devices, names",
+    [
+        (
+            {"data": 3, "fsdp": 1, "tensor": 1},
+            8,
+            ["mesh.data=3", "mesh.fsdp=1", "mesh.tensor=1", "8"],
+        ),
+        ({"data": 2, "fsdp": 2, "tensor": 4}, 8, ["mesh.data=2", "mesh.tensor=4", "16"]),
+        ({"data": -1, "fsdp": -1, "tensor": 1}, 8, ["mesh.", "data", "fsdp"]),
+        ({"data": 2, "fsdp": 0, "tensor": 1}, 8, ["mesh.fsdp=0"]),
+        ({"data": -1, "fsdp": 3, "tensor": 1}, 8, ["mesh.data=-1", "3", "8"]),
+        ({"data": 1, "fsdp": 1, "tensor": -2}, 8, ["mesh.tensor=-2"]),
+    ],
+)
 def test_bad_mesh_shapes_raise_mesh_error_naming_the_keys(sizes, devices, names):
     with pytest.raises(shd.MeshError) as info:
         shd.resolve_mesh_shape(sizes, devices)

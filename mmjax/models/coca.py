@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models.config import ModelConfig
-from mmjax.models.layers import constrain, dense_init, partitioned
+from mmjax.models.layers import dense_init, partitioned
 from mmjax.models.text import MultimodalDecoder, TextEncoder
 from mmjax.models.vit import ImageEncoder
 
@@ -15,66 +15,79 @@ Array = jax.Array
 
 
 def l2_normalise(x: Array) -> Array:
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
 
 
 class CoCa(nn.Module):
-  """The whole model. `tokens` are full captions [B, L]: BOS ... EOS PAD...
+    """The whole model. `tokens` are full captions [B, L]: BOS ... EOS PAD...
 
-  The text towers read tokens[:, :-1] (so the CLS slot makes L positions) and
-  the decoder predicts tokens[:, 1:] (teacher forcing).
-  """
-  cfg: ModelConfig
-  decode: bool = False
-
-  def setup(self):
-    cfg = self.cfg
-    self.image_encoder = ImageEncoder(cfg)
-    self.text_encoder = TextEncoder(cfg, decode=self.decode)
-    self.decoder = MultimodalDecoder(cfg, decode=self.decode)
-    proj = lambda name: nn.Dense(cfg.embed_dim, use_bias=False, dtype=cfg.compute_dtype,
-                                 param_dtype=cfg.weights_dtype,
-                                 kernel_init=partitioned(dense_init(), ("embed", "joint")),
-                                 name=name)
-    self.image_proj = proj("image_proj")
-    self.text_proj = proj("text_proj")
-    self.logit_scale = self.param(
-        "logit_scale", partitioned(nn.initializers.constant(cfg.init_logit_scale), ()), (),
-        jnp.float32)
-    self.logit_bias = self.param(
-        "logit_bias", partitioned(nn.initializers.constant(cfg.init_logit_bias), ()), (),
-        jnp.float32)
-
-  def encode_image(self, images: Array) -> tuple[Array, Array]:
-    """-> (L2-normalised embedding [B, E] in f32, caption tokens [B, N, W])."""
-    pooled, caption_tokens = self.image_encoder(images)
-    return l2_normalise(self.image_proj(pooled)), caption_tokens
-
-  def encode_text(self, tokens: Array) -> tuple[Array, Array]:
-    """-> (L2-normalised embedding [B, E] in f32, token features [B, L-1, W])."""
-    cls, features = self.text_encoder(tokens[:, :-1])
-    return l2_normalise(self.text_proj(cls)), features
-
-  def contrastive_scale_and_bias(self) -> tuple[Array, Array]:
-    # Clipping the log-scale (CLIP caps at 100) also stops its gradient above the cap.
-    scale = jnp.exp(jnp.minimum(self.logit_scale, self.cfg.max_logit_scale))
-    return scale, self.logit_bias
-
-  def __call__(self, images: Array, tokens: Array, with_captioning: bool = True) -> dict[str, Array]:
-    image_emb, caption_tokens = self.encode_image(images)
-    text_emb, features = self.encode_text(tokens)
-    scale, bias = self.contrastive_scale_and_bias()
-    out = dict(image_emb=image_emb, text_emb=text_emb, scale=scale, bias=bias)
-    if with_captioning:
-      out["logits"] = self.decoder(features, caption_tokens)
-    return out
-
-  def decode_step(self, tokens: Array, caption_tokens: Array | None) -> Array:
-    """Decode mode: logits for the new positions of `tokens` [B, t].
-
-    Pass the image's caption tokens on the first call (their keys/values are
-    projected once and cached), None afterwards.
+    The text towers read tokens[:, :-1] (so the CLS slot makes L positions) and
+    the decoder predicts tokens[:, 1:] (teacher forcing).
     """
-    _, features = self.text_encoder(tokens)
-    return self.decoder(features, caption_tokens)
+
+    cfg: ModelConfig
+    decode: bool = False
+
+    def setup(self):
+        cfg = self.cfg
+        self.image_encoder = ImageEncoder(cfg)
+        self.text_encoder = TextEncoder(cfg, decode=self.decode)
+        self.decoder = MultimodalDecoder(cfg, decode=self.decode)
+        proj = lambda name: nn.Dense(
+            cfg.embed_dim,
+            use_bias=False,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.weights_dtype,
+            kernel_init=partitioned(dense_init(), ("embed", "joint")),
+            name=name,
+        )
+        self.image_proj = proj("image_proj")
+        self.text_proj = proj("text_proj")
+        self.logit_scale = self.param(
+            "logit_scale",
+            partitioned(nn.initializers.constant(cfg.init_logit_scale), ()),
+            (),
+            jnp.float32,
+        )
+        self.logit_bias = self.param(
+            "logit_bias",
+            partitioned(nn.initializers.constant(cfg.init_logit_bias), ()),
+            (),
+            jnp.float32,
+        )
+
+    def encode_image(self, images: Array) -> tuple[Array, Array]:
+        """-> (L2-normalised embedding [B, E] in f32, caption tokens [B, N, W])."""
+        pooled, caption_tokens = self.image_encoder(images)
+        return l2_normalise(self.image_proj(pooled)), caption_tokens
+
+    def encode_text(self, tokens: Array) -> tuple[Array, Array]:
+        """-> (L2-normalised embedding [B, E] in f32, token features [B, L-1, W])."""
+        cls, features = self.text_encoder(tokens[:, :-1])
+        return l2_normalise(self.text_proj(cls)), features
+
+    def contrastive_scale_and_bias(self) -> tuple[Array, Array]:
+        # Clipping the log-scale (CLIP caps at 100) also stops its gradient above the cap.
+        scale = jnp.exp(jnp.minimum(self.logit_scale, self.cfg.max_logit_scale))
+        return scale, self.logit_bias
+
+    def __call__(
+        self, images: Array, tokens: Array, with_captioning: bool = True
+    ) -> dict[str, Array]:
+        image_emb, caption_tokens = self.encode_image(images)
+        text_emb, features = self.encode_text(tokens)
+        scale, bias = self.contrastive_scale_and_bias()
+        out = dict(image_emb=image_emb, text_emb=text_emb, scale=scale, bias=bias)
+        if with_captioning:
+            out["logits"] = self.decoder(features, caption_tokens)
+        return out
+
+    def decode_step(self, tokens: Array, caption_tokens: Array | None) -> Array:
+        """Decode mode: logits for the new positions of `tokens` [B, t].
+
+        Pass the image's caption tokens on the first call (their keys/values are
+        projected once and cached), None afterwards.
+        """
+        _, features = self.text_encoder(tokens)
+        return self.decoder(features, caption_tokens)

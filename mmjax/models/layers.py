@@ -8,7 +8,8 @@ them onto mesh axes, so nothing here knows the device layout.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -22,168 +23,207 @@ constrain = nn.with_logical_constraint
 
 
 def partitioned(init: Callable, names: tuple[str | None, ...]) -> Callable:
-  return nn.with_logical_partitioning(init, names)
+    return nn.with_logical_partitioning(init, names)
 
 
 def dense_init():
-  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+    return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
 
 def LayerNorm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
-  # Flax computes the statistics in f32 even for bf16 inputs.
-  return nn.LayerNorm(
-      epsilon=1e-6, dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype,
-      scale_init=partitioned(nn.initializers.ones, ("norm",)),
-      bias_init=partitioned(nn.initializers.zeros, ("norm",)), name=name)
+    # Flax computes the statistics in f32 even for bf16 inputs.
+    return nn.LayerNorm(
+        epsilon=1e-6,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.weights_dtype,
+        scale_init=partitioned(nn.initializers.ones, ("norm",)),
+        bias_init=partitioned(nn.initializers.zeros, ("norm",)),
+        name=name,
+    )
 
 
 class Mlp(nn.Module):
-  cfg: ModelConfig
-  hidden: int
+    cfg: ModelConfig
+    hidden: int
 
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    cfg = self.cfg
-    width = x.shape[-1]
-    h = nn.Dense(self.hidden, dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype,
-                 kernel_init=partitioned(dense_init(), ("embed", "mlp")),
-                 bias_init=partitioned(nn.initializers.zeros, ("mlp",)), name="fc1")(x)
-    h = constrain(h, ("batch", "length", "act_mlp"))
-    h = nn.gelu(h, approximate=True)
-    y = nn.Dense(width, dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype,
-                 kernel_init=partitioned(dense_init(), ("mlp", "embed")),
-                 bias_init=partitioned(nn.initializers.zeros, ("embed",)), name="fc2")(h)
-    return constrain(y, ("batch", "length", "act_embed"))
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.cfg
+        width = x.shape[-1]
+        h = nn.Dense(
+            self.hidden,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.weights_dtype,
+            kernel_init=partitioned(dense_init(), ("embed", "mlp")),
+            bias_init=partitioned(nn.initializers.zeros, ("mlp",)),
+            name="fc1",
+        )(x)
+        h = constrain(h, ("batch", "length", "act_mlp"))
+        h = nn.gelu(h, approximate=True)
+        y = nn.Dense(
+            width,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.weights_dtype,
+            kernel_init=partitioned(dense_init(), ("mlp", "embed")),
+            bias_init=partitioned(nn.initializers.zeros, ("embed",)),
+            name="fc2",
+        )(h)
+        return constrain(y, ("batch", "length", "act_embed"))
 
 
 class Attention(nn.Module):
-  """Multi-head attention through `jax.nn.dot_product_attention`.
+    """Multi-head attention through `jax.nn.dot_product_attention`.
 
-  Self-attention when `context` is None, cross-attention otherwise. In decode
-  mode self-attention keeps a KV cache (keys/values of all earlier positions)
-  and cross-attention stores the projected context once (on the call that
-  passes `context`) and reuses it on later calls (which pass None).
-  """
-  cfg: ModelConfig
-  num_heads: int
-  cross: bool = False
-  decode: bool = False
-
-  def _project(self, x: Array, width: int, parts: int, name: str) -> list[Array]:
-    """[B, T, D] -> `parts` arrays [B, T, heads, head_dim] from one fused matmul.
-
-    Fusing Q, K and V (or K and V) into one kernel [D, parts, heads, head_dim]
-    gives one wide matmul instead of several narrow ones.
+    Self-attention when `context` is None, cross-attention otherwise. In decode
+    mode self-attention keeps a KV cache (keys/values of all earlier positions)
+    and cross-attention stores the projected context once (on the call that
+    passes `context`) and reuses it on later calls (which pass None).
     """
-    cfg = self.cfg
-    shape = (x.shape[-1], parts, self.num_heads, width // self.num_heads)
-    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0,
-                                            out_axis=(2, 3), batch_axis=(1,))
-    kernel = self.param(f"{name}_kernel", partitioned(init, ("embed", None, "heads", "kv")),
-                        shape, cfg.weights_dtype)
-    bias = self.param(f"{name}_bias", partitioned(nn.initializers.zeros, (None, "heads", "kv")),
-                      shape[1:], cfg.weights_dtype)
-    dtype = cfg.compute_dtype
-    y = jnp.einsum("btd,dphk->btphk", x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
-    return [y[:, :, i] for i in range(parts)]
 
-  @nn.compact
-  def __call__(self, x: Array, context: Array | None = None, mask: Array | None = None) -> Array:
-    """x: [B or 1, T, D] queries (a batch of 1 is broadcast after projection, so
-    learned queries are projected once, not once per example)."""
-    width = x.shape[-1]
-    if self.cross:
-      (q,) = self._project(x, width, 1, "query")
-      k, v = self._cross_keys_values(context, width)
-    else:
-      q, k, v = self._project(x, width, 3, "qkv")
-      if self.decode:
-        k, v, mask = self._update_cache(k, v)
-    q = jnp.broadcast_to(q, (k.shape[0],) + q.shape[1:])
-    q, k, v = (constrain(a, ("batch", "length", "act_heads", "act_kv")) for a in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    out = constrain(out, ("batch", "length", "act_heads", "act_kv"))
-    cfg = self.cfg
-    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1),
-                                            out_axis=2)
-    kernel = self.param("out_kernel", partitioned(init, ("heads", "kv", "embed")),
-                        out.shape[-2:] + (width,), cfg.weights_dtype)
-    bias = self.param("out_bias", partitioned(nn.initializers.zeros, ("embed",)), (width,),
-                      cfg.weights_dtype)
-    dtype = cfg.compute_dtype
-    y = jnp.einsum("bthk,hkd->btd", out, kernel.astype(dtype)) + bias.astype(dtype)
-    return constrain(y, ("batch", "length", "act_embed"))
+    cfg: ModelConfig
+    num_heads: int
+    cross: bool = False
+    decode: bool = False
 
-  def _cross_keys_values(self, context: Array | None, width: int) -> tuple[Array, Array]:
-    if not self.decode:
-      return tuple(self._project(context, width, 2, "kv"))
-    if context is not None:  # First decode call: project the image tokens once.
-      k, v = self._project(context, width, 2, "kv")
-      self.variable("cache", "context_key", lambda: k).value = k
-      self.variable("cache", "context_value", lambda: v).value = v
-      return k, v
-    return self.get_variable("cache", "context_key"), self.get_variable("cache", "context_value")
+    def _project(self, x: Array, width: int, parts: int, name: str) -> list[Array]:
+        """[B, T, D] -> `parts` arrays [B, T, heads, head_dim] from one fused matmul.
 
-  def _update_cache(self, k: Array, v: Array) -> tuple[Array, Array, Array]:
-    """Writes this call's keys/values at the cache index; returns all of them.
+        Fusing Q, K and V (or K and V) into one kernel [D, parts, heads, head_dim]
+        gives one wide matmul instead of several narrow ones.
+        """
+        cfg = self.cfg
+        shape = (x.shape[-1], parts, self.num_heads, width // self.num_heads)
+        init = nn.initializers.variance_scaling(
+            1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(2, 3), batch_axis=(1,)
+        )
+        kernel = self.param(
+            f"{name}_kernel",
+            partitioned(init, ("embed", None, "heads", "kv")),
+            shape,
+            cfg.weights_dtype,
+        )
+        bias = self.param(
+            f"{name}_bias",
+            partitioned(nn.initializers.zeros, (None, "heads", "kv")),
+            shape[1:],
+            cfg.weights_dtype,
+        )
+        dtype = cfg.compute_dtype
+        y = jnp.einsum("btd,dphk->btphk", x.astype(dtype), kernel.astype(dtype)) + bias.astype(
+            dtype
+        )
+        return [y[:, :, i] for i in range(parts)]
 
-    The cache is sized by the first (initialising) call, which passes the full
-    maximum length; later calls pass one or a few new positions.
-    """
-    initialised = self.has_variable("cache", "cached_key")
-    cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-    cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-    index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-    new = k.shape[1]
-    max_len = cached_k.value.shape[1]
-    if not initialised:  # Shape-defining call: plain causal attention.
-      return k, v, nn.make_causal_mask(jnp.ones(k.shape[:2], bool), dtype=bool)
-    start = index.value
-    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, start, 0, 0))
-    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, start, 0, 0))
-    index.value = start + new
-    # Query i (absolute position start+i) sees keys 0..start+i.
-    query_pos = start + jnp.arange(new)[:, None]
-    key_pos = jnp.arange(max_len)[None, :]
-    mask = (key_pos <= query_pos)[None, None]
-    return cached_k.value, cached_v.value, mask
+    @nn.compact
+    def __call__(self, x: Array, context: Array | None = None, mask: Array | None = None) -> Array:
+        """x: [B or 1, T, D] queries (a batch of 1 is broadcast after projection, so
+        learned queries are projected once, not once per example)."""
+        width = x.shape[-1]
+        if self.cross:
+            (q,) = self._project(x, width, 1, "query")
+            k, v = self._cross_keys_values(context, width)
+        else:
+            q, k, v = self._project(x, width, 3, "qkv")
+            if self.decode:
+                k, v, mask = self._update_cache(k, v)
+        q = jnp.broadcast_to(q, (k.shape[0],) + q.shape[1:])
+        q, k, v = (constrain(a, ("batch", "length", "act_heads", "act_kv")) for a in (q, k, v))
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        out = constrain(out, ("batch", "length", "act_heads", "act_kv"))
+        cfg = self.cfg
+        init = nn.initializers.variance_scaling(
+            1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2
+        )
+        kernel = self.param(
+            "out_kernel",
+            partitioned(init, ("heads", "kv", "embed")),
+            out.shape[-2:] + (width,),
+            cfg.weights_dtype,
+        )
+        bias = self.param(
+            "out_bias", partitioned(nn.initializers.zeros, ("embed",)), (width,), cfg.weights_dtype
+        )
+        dtype = cfg.compute_dtype
+        y = jnp.einsum("bthk,hkd->btd", out, kernel.astype(dtype)) + bias.astype(dtype)
+        return constrain(y, ("batch", "length", "act_embed"))
+
+    def _cross_keys_values(self, context: Array | None, width: int) -> tuple[Array, Array]:
+        if not self.decode:
+            return tuple(self._project(context, width, 2, "kv"))
+        if context is not None:  # First decode call: project the image tokens once.
+            k, v = self._project(context, width, 2, "kv")
+            self.variable("cache", "context_key", lambda: k).value = k
+            self.variable("cache", "context_value", lambda: v).value = v
+            return k, v
+        return self.get_variable("cache", "context_key"), self.get_variable(
+            "cache", "context_value"
+        )
+
+    def _update_cache(self, k: Array, v: Array) -> tuple[Array, Array, Array]:
+        """Writes this call's keys/values at the cache index; returns all of them.
+
+        The cache is sized by the first (initialising) call, which passes the full
+        maximum length; later calls pass one or a few new positions.
+        """
+        initialised = self.has_variable("cache", "cached_key")
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        new = k.shape[1]
+        max_len = cached_k.value.shape[1]
+        if not initialised:  # Shape-defining call: plain causal attention.
+            return k, v, nn.make_causal_mask(jnp.ones(k.shape[:2], bool), dtype=bool)
+        start = index.value
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, start, 0, 0))
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, start, 0, 0))
+        index.value = start + new
+        # Query i (absolute position start+i) sees keys 0..start+i.
+        query_pos = start + jnp.arange(new)[:, None]
+        key_pos = jnp.arange(max_len)[None, :]
+        mask = (key_pos <= query_pos)[None, None]
+        return cached_k.value, cached_v.value, mask
 
 
 class EncoderBlock(nn.Module):
-  """Pre-LN block: x + attn(ln(x)), then x + mlp(ln(x))."""
-  cfg: ModelConfig
-  num_heads: int
-  mlp_dim: int
-  decode: bool = False
+    """Pre-LN block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-  @nn.compact
-  def __call__(self, x: Array, mask: Array | None) -> tuple[Array, None]:
-    x = constrain(x, ("batch", "length", "act_embed"))
-    h = LayerNorm(self.cfg, name="ln_attn")(x)
-    x = x + Attention(self.cfg, self.num_heads, decode=self.decode, name="attn")(h, mask=mask)
-    h = LayerNorm(self.cfg, name="ln_mlp")(x)
-    x = x + Mlp(self.cfg, self.mlp_dim, name="mlp")(h)
-    return x, None
+    cfg: ModelConfig
+    num_heads: int
+    mlp_dim: int
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array | None) -> tuple[Array, None]:
+        x = constrain(x, ("batch", "length", "act_embed"))
+        h = LayerNorm(self.cfg, name="ln_attn")(x)
+        x = x + Attention(self.cfg, self.num_heads, decode=self.decode, name="attn")(h, mask=mask)
+        h = LayerNorm(self.cfg, name="ln_mlp")(x)
+        x = x + Mlp(self.cfg, self.mlp_dim, name="mlp")(h)
+        return x, None
 
 
 class DecoderBlock(nn.Module):
-  """Causal self-attention, cross-attention to image tokens, then MLP."""
-  cfg: ModelConfig
-  num_heads: int
-  mlp_dim: int
-  decode: bool = False
+    """Causal self-attention, cross-attention to image tokens, then MLP."""
 
-  @nn.compact
-  def __call__(self, x: Array, mask: Array | None, context: Array | None) -> tuple[Array, None]:
-    x = constrain(x, ("batch", "length", "act_embed"))
-    h = LayerNorm(self.cfg, name="ln_self")(x)
-    x = x + Attention(self.cfg, self.num_heads, decode=self.decode, name="self_attn")(h, mask=mask)
-    h = LayerNorm(self.cfg, name="ln_cross")(x)
-    x = x + Attention(self.cfg, self.num_heads, cross=True, decode=self.decode,
-                      name="cross_attn")(h, context=context)
-    h = LayerNorm(self.cfg, name="ln_mlp")(x)
-    x = x + Mlp(self.cfg, self.mlp_dim, name="mlp")(h)
-    return x, None
+    cfg: ModelConfig
+    num_heads: int
+    mlp_dim: int
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array | None, context: Array | None) -> tuple[Array, None]:
+        x = constrain(x, ("batch", "length", "act_embed"))
+        h = LayerNorm(self.cfg, name="ln_self")(x)
+        x = x + Attention(self.cfg, self.num_heads, decode=self.decode, name="self_attn")(
+            h, mask=mask
+        )
+        h = LayerNorm(self.cfg, name="ln_cross")(x)
+        x = x + Attention(
+            self.cfg, self.num_heads, cross=True, decode=self.decode, name="cross_attn"
+        )(h, context=context)
+        h = LayerNorm(self.cfg, name="ln_mlp")(x)
+        x = x + Mlp(self.cfg, self.mlp_dim, name="mlp")(h)
+        return x, None
 
 
 _POLICIES: dict[str, Any] = {
@@ -194,29 +234,36 @@ _POLICIES: dict[str, Any] = {
 
 
 class Stack(nn.Module):
-  """`num_layers` copies of `block`, scanned (compile time flat in depth) or unrolled.
+    """`num_layers` copies of `block`, scanned (compile time flat in depth) or unrolled.
 
-  Scanned parameters get a leading 'layers' axis. `broadcast_args` are passed
-  unchanged to every layer (masks, the image tokens).
-  """
-  cfg: ModelConfig
-  block: type[nn.Module]
-  num_layers: int
-  block_kwargs: dict = None
+    Scanned parameters get a leading 'layers' axis. `broadcast_args` are passed
+    unchanged to every layer (masks, the image tokens).
+    """
 
-  @nn.compact
-  def __call__(self, x: Array, *broadcast_args) -> Array:
-    block = self.block
-    kwargs = dict(self.block_kwargs or {})
-    if self.cfg.remat != "none":
-      block = nn.remat(block, policy=_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
-    if self.cfg.scan_layers:
-      scanned = nn.scan(block, variable_axes={"params": 0, "cache": 0},
-                        split_rngs={"params": True}, in_axes=(nn.broadcast,) * len(broadcast_args),
-                        length=self.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = scanned(self.cfg, name="layers", **kwargs)(x, *broadcast_args)
-      return x
-    for i in range(self.num_layers):
-      x, _ = block(self.cfg, name=f"layers_{i}", **kwargs)(x, *broadcast_args)
-    return x
+    cfg: ModelConfig
+    block: type[nn.Module]
+    num_layers: int
+    block_kwargs: dict = None
 
+    @nn.compact
+    def __call__(self, x: Array, *broadcast_args) -> Array:
+        block = self.block
+        kwargs = dict(self.block_kwargs or {})
+        if self.cfg.remat != "none":
+            block = nn.remat(
+                block, policy=_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers
+            )
+        if self.cfg.scan_layers:
+            scanned = nn.scan(
+                block,
+                variable_axes={"params": 0, "cache": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast,) * len(broadcast_args),
+                length=self.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = scanned(self.cfg, name="layers", **kwargs)(x, *broadcast_args)
+            return x
+        for i in range(self.num_layers):
+            x, _ = block(self.cfg, name=f"layers_{i}", **kwargs)(x, *broadcast_args)
+        return x

@@ -7,88 +7,125 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models.config import ModelConfig
-from mmjax.models.layers import (DecoderBlock, EncoderBlock, LayerNorm, Stack, constrain,
-                                 dense_init, partitioned)
+from mmjax.models.layers import (
+    DecoderBlock,
+    EncoderBlock,
+    LayerNorm,
+    Stack,
+    constrain,
+    dense_init,
+    partitioned,
+)
 
 Array = jax.Array
 PAD_ID = 0
 
 
 def text_attention_mask(tokens: Array, with_cls: bool) -> Array:
-  """Causal mask that also hides padding keys: [B, 1, T(+1), T(+1)].
+    """Causal mask that also hides padding keys: [B, 1, T(+1), T(+1)].
 
-  The CLS slot appended at the end attends to every real token and itself;
-  padding never acts as a key, so changing it cannot change any output.
-  """
-  valid = tokens != PAD_ID
-  if with_cls:
-    valid = jnp.concatenate([valid, jnp.ones_like(valid[:, :1])], axis=1)
-  causal = nn.make_causal_mask(valid, dtype=bool)
-  # A padded query still sees position 0 (BOS), so no row is fully masked.
-  return causal & valid[:, None, None, :]
+    The CLS slot appended at the end attends to every real token and itself;
+    padding never acts as a key, so changing it cannot change any output.
+    """
+    valid = tokens != PAD_ID
+    if with_cls:
+        valid = jnp.concatenate([valid, jnp.ones_like(valid[:, :1])], axis=1)
+    causal = nn.make_causal_mask(valid, dtype=bool)
+    # A padded query still sees position 0 (BOS), so no row is fully masked.
+    return causal & valid[:, None, None, :]
 
 
 class TextEncoder(nn.Module):
-  """Causal transformer over the tokens plus a learnable CLS appended at the end.
+    """Causal transformer over the tokens plus a learnable CLS appended at the end.
 
-  Returns (cls_features [B, W] after LayerNorm, token_features [B, T, W]).
-  In decode mode no CLS is appended and positions come from a cache counter.
-  """
-  cfg: ModelConfig
-  decode: bool = False
+    Returns (cls_features [B, W] after LayerNorm, token_features [B, T, W]).
+    In decode mode no CLS is appended and positions come from a cache counter.
+    """
 
-  @nn.compact
-  def __call__(self, tokens: Array) -> tuple[Array | None, Array]:
-    cfg = self.cfg
-    width = cfg.text_width
-    embed = nn.Embed(cfg.vocab_size, width, dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype,
-                     embedding_init=partitioned(nn.initializers.normal(0.02), ("vocab", "embed")),
-                     name="token_embed")
-    pos = self.param("pos_embed", partitioned(nn.initializers.normal(0.01), (None, "embed")),
-                     (cfg.context_length, width), cfg.weights_dtype).astype(cfg.compute_dtype)
-    x = embed(tokens)
-    t = tokens.shape[1]
-    if self.decode:
-      start = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
-      x = x + jax.lax.dynamic_slice_in_dim(pos, start.value, t)[None]
-      if self.is_initializing():
-        start.value = jnp.zeros((), jnp.int32)
-      else:
-        start.value = start.value + t
-      mask = None  # The attention KV cache builds its own causal mask.
-    else:
-      cls = self.param("cls", partitioned(nn.initializers.normal(0.02), ("embed",)), (width,),
-                       cfg.weights_dtype)
-      x = jnp.concatenate([x, jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, width))], 1)
-      x = x + pos[:t + 1][None]
-      mask = text_attention_mask(tokens, with_cls=True)
-    x = constrain(x, ("batch", "length", "act_embed"))
-    x = Stack(cfg, EncoderBlock, cfg.text_layers,
-              dict(num_heads=cfg.text_heads, mlp_dim=cfg.text_mlp_dim, decode=self.decode),
-              name="blocks")(x, mask)
-    if self.decode:
-      return None, x
-    cls_features = LayerNorm(cfg, name="ln_cls")(x[:, -1])
-    return cls_features, x[:, :-1]
+    cfg: ModelConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, tokens: Array) -> tuple[Array | None, Array]:
+        cfg = self.cfg
+        width = cfg.text_width
+        embed = nn.Embed(
+            cfg.vocab_size,
+            width,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.weights_dtype,
+            embedding_init=partitioned(nn.initializers.normal(0.02), ("vocab", "embed")),
+            name="token_embed",
+        )
+        pos = self.param(
+            "pos_embed",
+            partitioned(nn.initializers.normal(0.01), (None, "embed")),
+            (cfg.context_length, width),
+            cfg.weights_dtype,
+        ).astype(cfg.compute_dtype)
+        x = embed(tokens)
+        t = tokens.shape[1]
+        if self.decode:
+            start = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+            x = x + jax.lax.dynamic_slice_in_dim(pos, start.value, t)[None]
+            if self.is_initializing():
+                start.value = jnp.zeros((), jnp.int32)
+            else:
+                start.value = start.value + t
+            mask = None  # The attention KV cache builds its own causal mask.
+        else:
+            cls = self.param(
+                "cls",
+                partitioned(nn.initializers.normal(0.02), ("embed",)),
+                (width,),
+                cfg.weights_dtype,
+            )
+            x = jnp.concatenate(
+                [x, jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, width))], 1
+            )
+            x = x + pos[: t + 1][None]
+            mask = text_attention_mask(tokens, with_cls=True)
+        x = constrain(x, ("batch", "length", "act_embed"))
+        x = Stack(
+            cfg,
+            EncoderBlock,
+            cfg.text_layers,
+            dict(num_heads=cfg.text_heads, mlp_dim=cfg.text_mlp_dim, decode=self.decode),
+            name="blocks",
+        )(x, mask)
+        if self.decode:
+            return None, x
+        cls_features = LayerNorm(cfg, name="ln_cls")(x[:, -1])
+        return cls_features, x[:, :-1]
 
 
 class MultimodalDecoder(nn.Module):
-  """Causal self-attention + cross-attention to the image tokens, then the LM head."""
-  cfg: ModelConfig
-  decode: bool = False
+    """Causal self-attention + cross-attention to the image tokens, then the LM head."""
 
-  @nn.compact
-  def __call__(self, text_features: Array, image_tokens: Array | None) -> Array:
-    cfg = self.cfg
-    if self.decode:
-      mask = None
-    else:  # Right padding: causal masking alone keeps pads out of real positions.
-      mask = nn.make_causal_mask(jnp.ones(text_features.shape[:2], bool), dtype=bool)
-    x = Stack(cfg, DecoderBlock, cfg.decoder_layers,
-              dict(num_heads=cfg.text_heads, mlp_dim=cfg.text_mlp_dim, decode=self.decode),
-              name="blocks")(text_features, mask, image_tokens)
-    x = LayerNorm(cfg, name="ln_final")(x)
-    logits = nn.Dense(cfg.vocab_size, dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype,
-                      kernel_init=partitioned(dense_init(), ("embed", "vocab")),
-                      bias_init=partitioned(nn.initializers.zeros, ("vocab",)), name="lm_head")(x)
-    return constrain(logits, ("batch", "length", "act_vocab"))
+    cfg: ModelConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, text_features: Array, image_tokens: Array | None) -> Array:
+        cfg = self.cfg
+        if self.decode:
+            mask = None
+        else:  # Right padding: causal masking alone keeps pads out of real positions.
+            mask = nn.make_causal_mask(jnp.ones(text_features.shape[:2], bool), dtype=bool)
+        x = Stack(
+            cfg,
+            DecoderBlock,
+            cfg.decoder_layers,
+            dict(num_heads=cfg.text_heads, mlp_dim=cfg.text_mlp_dim, decode=self.decode),
+            name="blocks",
+        )(text_features, mask, image_tokens)
+        x = LayerNorm(cfg, name="ln_final")(x)
+        logits = nn.Dense(
+            cfg.vocab_size,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.weights_dtype,
+            kernel_init=partitioned(dense_init(), ("embed", "vocab")),
+            bias_init=partitioned(nn.initializers.zeros, ("vocab",)),
+            name="lm_head",
+        )(x)
+        return constrain(logits, ("batch", "length", "act_vocab"))
