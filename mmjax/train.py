@@ -174,7 +174,6 @@ class Trainer:
         self.train_source = make_source(config.data, "train", self.model_cfg.image_size)
         self.tokenizer = self._tokenizer(for_eval)
         self.tx = make_optimizer(config)
-        self.schedule = learning_rate_schedule(config)
         self.abstract_state, self.state_shardings = state_shardings(
             self.model, self.tx, self.mesh, self.rules
         )
