@@ -148,6 +148,10 @@ def split_config_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks what can be checked without devices (the mesh is checked at startup)."""
+    from mmjax.data.sources import SOURCES  # Late: keeps config loading light.
+
+    if config.data.name not in SOURCES:
+        raise ConfigError(f"data.name={config.data.name!r} is unknown; allowed: {list(SOURCES)}")
     if config.loss.contrastive not in CONTRASTIVE_LOSSES:
         raise ConfigError(
             f"loss.contrastive={config.loss.contrastive!r} is unknown; "

@@ -99,6 +99,12 @@ def test_unknown_contrastive_loss(capsys, tmp_path, no_compile):
     )
 
 
+def test_unknown_data_source(capsys, tmp_path, no_compile):
+    _check_in_process(
+        capsys, tmp_path, ["--config.data.name=laion"], "data.name='laion'", "'shapes'"
+    )
+
+
 def test_unknown_model_size(capsys, tmp_path, no_compile):
     _check_in_process(
         capsys,
