@@ -2,9 +2,10 @@
 
   python -m mmjax.train --config configs/clip.py:size=tiny --workdir runs/clip_tiny
 
-The decoder is not run (caption weight 0), so steps are cheaper. Expected
-(tiny, 1500 steps): retrieval close to configs/coca.py's (eval/i2t_r1_samecap
-above 0.9); captions are untrained (eval/caption_exact near 0).
+The decoder is not run (caption weight 0), so steps are cheaper. Measured (tiny,
+1500 steps, 2 CPU cores): final loss 0.15; eval/i2t_r1 0.57, eval/i2t_r1_samecap 0.85,
+eval/i2t_r5 0.99, eval/t2i_r1 0.58, i.e. retrieval close to configs/coca.py's (0.59 /
+0.88); captions are untrained (eval/caption_exact and eval/caption_bleu4 0).
 """
 
 from mmjax.config_loading import sibling
