@@ -3,8 +3,9 @@
   python -m mmjax.train --config configs/siglip.py:size=tiny --workdir runs/siglip_tiny
 
 The temperature starts at log 10 and the bias at -10, as in the SigLIP paper.
-Expected (tiny, 1500 steps): retrieval and captions comparable to
-configs/coca.py (eval/i2t_r1_samecap above 0.9, eval/caption_exact above 0.8).
+Measured (tiny, 1500 steps, 2 CPU cores): slightly behind configs/coca.py at this
+scale: eval/i2t_r1 0.55 (samecap 0.83), eval/t2i_r1 0.55, eval/caption_bleu4 0.85,
+eval/caption_exact 0.70 (coca: 0.59 / 0.88 / 0.59 / 0.91 / 0.82).
 """
 
 import math
