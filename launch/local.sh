@@ -13,8 +13,10 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-mode="${1:-train}"
-[ $# -gt 0 ] && shift
+mode=train  # Also when the first argument is a flag for mmjax.train.
+case "${1:-}" in
+  test|setup|train) mode="$1"; shift ;;
+esac
 
 python="${PYTHON:-python3}"
 if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
@@ -59,7 +61,7 @@ case "$mode" in
     echo "  TensorBoard:                 tensorboard --logdir $workdir/tensorboard"
     ;;
   *)
-    echo "error: unknown mode '$mode'; allowed: (none), test, setup" >&2
+    echo "error: unknown mode '$mode'; allowed: (none)/train, test, setup" >&2
     exit 2
     ;;
 esac
