@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models.config import ModelConfig
-from mmjax.models.layers import dense_init, partitioned
+from mmjax.models.layers import Dense, partitioned
 from mmjax.models.text import MultimodalDecoder, TextEncoder
 from mmjax.models.vit import ImageEncoder
 
@@ -34,16 +34,8 @@ class CoCa(nn.Module):
         self.image_encoder = ImageEncoder(cfg)
         self.text_encoder = TextEncoder(cfg, decode=self.decode)
         self.decoder = MultimodalDecoder(cfg, decode=self.decode)
-        proj = lambda name: nn.Dense(
-            cfg.embed_dim,
-            use_bias=False,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.weights_dtype,
-            kernel_init=partitioned(dense_init(), ("embed", "joint")),
-            name=name,
-        )
-        self.image_proj = proj("image_proj")
-        self.text_proj = proj("text_proj")
+        self.image_proj = Dense(cfg, cfg.embed_dim, ("embed", "joint"), "image_proj", False)
+        self.text_proj = Dense(cfg, cfg.embed_dim, ("embed", "joint"), "text_proj", False)
         self.logit_scale = self.param(
             "logit_scale",
             partitioned(nn.initializers.constant(cfg.init_logit_scale), ()),

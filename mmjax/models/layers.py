@@ -30,6 +30,21 @@ def dense_init():
     return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
 
+def Dense(
+    cfg: ModelConfig, features: int, axes: tuple[str, str], name: str, use_bias: bool = True
+) -> nn.Dense:
+    """A Dense layer whose kernel carries the logical names `axes` (in, out)."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.weights_dtype,
+        kernel_init=partitioned(dense_init(), axes),
+        bias_init=partitioned(nn.initializers.zeros, (axes[1],)),
+        name=name,
+    )
+
+
 def LayerNorm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
     # Flax computes the statistics in f32 even for bf16 inputs.
     return nn.LayerNorm(
@@ -50,24 +65,10 @@ class Mlp(nn.Module):
     def __call__(self, x: Array) -> Array:
         cfg = self.cfg
         width = x.shape[-1]
-        h = nn.Dense(
-            self.hidden,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.weights_dtype,
-            kernel_init=partitioned(dense_init(), ("embed", "mlp")),
-            bias_init=partitioned(nn.initializers.zeros, ("mlp",)),
-            name="fc1",
-        )(x)
+        h = Dense(cfg, self.hidden, ("embed", "mlp"), "fc1")(x)
         h = constrain(h, ("batch", "length", "act_mlp"))
         h = nn.gelu(h, approximate=True)
-        y = nn.Dense(
-            width,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.weights_dtype,
-            kernel_init=partitioned(dense_init(), ("mlp", "embed")),
-            bias_init=partitioned(nn.initializers.zeros, ("embed",)),
-            name="fc2",
-        )(h)
+        y = Dense(cfg, width, ("mlp", "embed"), "fc2")(h)
         return constrain(y, ("batch", "length", "act_embed"))
 
 

@@ -9,11 +9,11 @@ import jax.numpy as jnp
 from mmjax.models.config import ModelConfig
 from mmjax.models.layers import (
     DecoderBlock,
+    Dense,
     EncoderBlock,
     LayerNorm,
     Stack,
     constrain,
-    dense_init,
     partitioned,
 )
 
@@ -120,12 +120,5 @@ class MultimodalDecoder(nn.Module):
             name="blocks",
         )(text_features, mask, image_tokens)
         x = LayerNorm(cfg, name="ln_final")(x)
-        logits = nn.Dense(
-            cfg.vocab_size,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.weights_dtype,
-            kernel_init=partitioned(dense_init(), ("embed", "vocab")),
-            bias_init=partitioned(nn.initializers.zeros, ("vocab",)),
-            name="lm_head",
-        )(x)
+        logits = Dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")(x)
         return constrain(logits, ("batch", "length", "act_vocab"))

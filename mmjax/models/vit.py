@@ -9,11 +9,11 @@ import jax.numpy as jnp
 from mmjax.models.config import ModelConfig
 from mmjax.models.layers import (
     Attention,
+    Dense,
     EncoderBlock,
     LayerNorm,
     Stack,
     constrain,
-    dense_init,
     partitioned,
 )
 
@@ -77,14 +77,7 @@ class ImageEncoder(nn.Module):
         # Patchify by reshape + one matmul (same as a stride-p convolution).
         x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(b, (h // p) * (w // p), p * p * c)
-        x = nn.Dense(
-            cfg.vit_width,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.weights_dtype,
-            kernel_init=partitioned(dense_init(), ("patch", "embed")),
-            bias_init=partitioned(nn.initializers.zeros, ("embed",)),
-            name="patch_embed",
-        )(x)
+        x = Dense(cfg, cfg.vit_width, ("patch", "embed"), "patch_embed")(x)
         # std 1/sqrt(width), as CLIP: position is learned far sooner than with 0.02.
         pos = self.param(
             "pos_embed",
