@@ -2,8 +2,9 @@
 # Set up mmjax in .venv at the repository root and run it on this machine.
 #
 #   bash launch/local.sh            set up, train configs/coca.py:size=tiny on the built-in
-#                                   dataset into runs/coca_tiny, evaluate it, print where
-#                                   the results are (extra args go to mmjax.train)
+#                                   dataset into runs/coca_tiny, evaluate it, plot its
+#                                   curves, print where the results are (extra args go to
+#                                   mmjax.train)
 #   bash launch/local.sh test       set up, run the test suite (extra args go to pytest)
 #   bash launch/local.sh setup      set up only
 #
@@ -53,10 +54,12 @@ case "$mode" in
     workdir="${WORKDIR:-runs/coca_tiny}"
     "$py" -m mmjax.train --config configs/coca.py:size=tiny --workdir "$workdir" "$@"
     "$py" -m mmjax.evaluate --workdir "$workdir"
+    "$py" -m mmjax.plot --workdir "$workdir"
     echo
     echo "Results:"
     echo "  metrics (one JSON per line): $workdir/metrics.jsonl"
     echo "  evaluation:                  $workdir/eval.json"
+    echo "  training curves (PNG):       $workdir/curves.png"
     echo "  checkpoints (orbax):         $workdir/checkpoints/"
     echo "  TensorBoard:                 tensorboard --logdir $workdir/tensorboard"
     ;;
