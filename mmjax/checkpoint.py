@@ -45,11 +45,6 @@ class Checkpointer:
         )
         return restored.state
 
-    def restore_data_position(self, step: int) -> dict:
-        return dict(
-            self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
-        )
-
     def wait(self) -> None:
         self._manager.wait_until_finished()
 

@@ -90,33 +90,25 @@ def _cache_file() -> Path:
     return root / "peak_flops.json"
 
 
-class MatmulProbe:
-    """Times one n x n x n matmul per call and returns its FLOP/s.
-
-    Single calls right after other work read low (cold threads and caches);
-    take the best of several for a peak.
-    """
-
-    def __init__(self, dtype=jnp.float32, n: int = 2048, device: jax.Device | None = None):
-        device = device or jax.devices()[0]
-        self.n = n
-        self.a = jax.device_put(jnp.ones((n, n), dtype), device)
-        self.b = jax.device_put(jnp.ones((n, n), dtype), device)
-        self.matmul = jax.jit(lambda x, y: x @ y)
-        self.matmul(self.a, self.b).block_until_ready()
-
-    def __call__(self) -> float:
-        start = time.perf_counter()
-        self.matmul(self.a, self.b).block_until_ready()
-        return 2 * self.n**3 / (time.perf_counter() - start)
-
-
 def measure_matmul_flops(
     dtype=jnp.float32, n: int = 2048, repeats: int = 5, device: jax.Device | None = None
 ) -> float:
-    """Best-of-`repeats` rate of an n x n x n matmul on one device."""
-    probe = MatmulProbe(dtype, n, device)
-    return max(probe() for _ in range(repeats))
+    """Best-of-`repeats` rate of an n x n x n matmul on one device, after a warm-up call.
+
+    Best, not median: a single call right after other work reads low (cold threads and
+    caches), so only the warm rate is a peak.
+    """
+    device = device or jax.devices()[0]
+    a = jax.device_put(jnp.ones((n, n), dtype), device)
+    b = jax.device_put(jnp.ones((n, n), dtype), device)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
 
 
 def peak_flops(dtype: str = "float32", *, fresh: bool = False) -> tuple[float, str]:

@@ -117,10 +117,16 @@ def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, spec)
 
 
-def data_parallel_size(mesh: Mesh, rules) -> int:
+def batch_mesh_axes(rules) -> tuple[str, ...]:
+    """The mesh axes the `batch` rule splits the batch over."""
     spec = nn.logical_to_mesh_axes(("batch",), rules)[0]
-    axes = spec if isinstance(spec, tuple) else (spec,) if spec else ()
-    return math.prod(mesh.shape[a] for a in axes)
+    return spec if isinstance(spec, tuple) else (spec,) if spec else ()
+
+
+def data_parallel_size(mesh: Mesh | dict[str, int], rules) -> int:
+    """How many ways the batch is split (a Mesh or a {axis: size} dict)."""
+    sizes = mesh.shape if isinstance(mesh, Mesh) else mesh
+    return math.prod(sizes[a] for a in batch_mesh_axes(rules))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

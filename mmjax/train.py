@@ -99,7 +99,10 @@ def check_devices(config: ml_collections.ConfigDict, num_devices: int) -> tuple[
         shape = shd.resolve_mesh_shape(dict(config.mesh), num_devices)
     except shd.MeshError as e:
         raise ConfigError(str(e)) from None
-    data_parallel = shape[0] * shape[1]  # The batch goes over data x fsdp.
+    sizes = dict(zip(shd.MESH_AXES, shape))
+    rules = shd.rules_from_config(config.sharding_rules)
+    data_parallel = shd.data_parallel_size(sizes, rules)
+    split = " x ".join(f"mesh.{a}={sizes[a]}" for a in shd.batch_mesh_axes(rules)) or "no axis"
     for key, value in (
         ("batch_size", config.batch_size),
         ("eval.batch_size", config.eval.batch_size),
@@ -107,7 +110,7 @@ def check_devices(config: ml_collections.ConfigDict, num_devices: int) -> tuple[
         if value % data_parallel:
             raise ConfigError(
                 f"{key}={value} is not divisible by the data-parallel size "
-                f"{data_parallel} (mesh.data={shape[0]} x mesh.fsdp={shape[1]})"
+                f"{data_parallel} ({split})"
             )
         if value % jax.process_count():
             raise ConfigError(
