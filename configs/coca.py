@@ -64,13 +64,28 @@ def get_config(arg=None):
     config.optimizer.grad_clip = 1.0
 
     config.data = ml_collections.ConfigDict()
-    config.data.name = "shapes"
-    config.data.seed = 0  # Fixes the corpus itself; the training order follows `seed`.
-    config.data.train_examples = 20000
-    config.data.eval_examples = 512
+    # Source specs: shapes (built in), csv:PATH, wds:PATTERN, arrayrecord:GLOB. `train` may
+    # also be a mixture: [(spec, weight), ...] (a Python literal on the command line).
+    config.data.train = "shapes"
+    config.data.eval = "shapes"
+    config.data.image_key = "filepath"  # csv columns
+    config.data.caption_key = "caption"
+    config.data.seed = 0  # Fixes the shapes corpus itself; the training order follows `seed`.
+    config.data.train_examples = 20000  # shapes only
+    config.data.eval_examples = 512  # shapes only
     config.data.tokenizer = ""  # Path to a sentencepiece model; '' trains one into the workdir.
     config.data.tokenizer_vocab_size = 256
-    config.data.num_threads = 2
+    config.data.tokenizer_captions = 200_000  # captions read to train a missing tokenizer
+    # Image preprocessing of encoded images (the shapes images are used as they are).
+    config.data.crop_scale = (0.9, 1.0)  # random resized crop, area fraction (train)
+    config.data.crop_ratio = (3 / 4, 4 / 3)
+    config.data.color_jitter = 0.0  # brightness/contrast/saturation strength (train)
+    config.data.max_image_pixels = 100_000_000  # larger images are skipped as bombs
+    # Bad samples are skipped and counted; too many stop the run.
+    config.data.max_skip_fraction = 0.05
+    config.data.min_samples_for_skip_check = 1000
+    config.data.workers = 0  # grain worker processes; 0 decodes in the training process
+    config.data.num_threads = 2  # read threads per worker
     config.data.prefetch = 4
 
     config.eval = ml_collections.ConfigDict()

@@ -3,7 +3,8 @@
 The data position needs no state of its own: the input pipeline is indexed
 by step (global sample index = step * batch_size), so restoring the step
 restores exactly the batches an uninterrupted run would have seen. It is
-still written beside the state, for people and tools reading checkpoints.
+still written beside the state (a JSON item "data", with the data counters),
+for people and tools reading checkpoints.
 """
 
 from __future__ import annotations
@@ -28,8 +29,17 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, *, batch_size: int, force: bool = False) -> bool:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        batch_size: int,
+        extra_meta: dict | None = None,
+        force: bool = False,
+    ) -> bool:
         meta = {"step": int(step), "global_sample_index": int(step) * int(batch_size)}
+        meta.update(extra_meta or {})
         return self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -44,6 +54,11 @@ class Checkpointer:
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         )
         return restored.state
+
+    def restore_meta(self, step: int) -> dict:
+        """The JSON written beside the state by save()."""
+        restored = self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+        return dict(restored.data)
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

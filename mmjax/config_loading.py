@@ -21,6 +21,7 @@ import ml_collections
 from mmjax.models.config import SIZES, ModelConfig
 
 CONTRASTIVE_LOSSES = ("softmax", "sigmoid")
+_SPEC_KEYS = ("data.train", "data.eval")  # data source specs, see mmjax.data.sources
 
 
 class ConfigError(ValueError):
@@ -106,6 +107,11 @@ def apply_override(config: ml_collections.ConfigDict, dotted: str, text: str) ->
     current = node[parts[-1]]
     if isinstance(current, ml_collections.ConfigDict):
         raise ConfigError(f"config key {dotted!r} is a group; set one of {sorted(current.keys())}")
+    if dotted in _SPEC_KEYS:
+        # A spec or a mixture literal: parsed and checked by validate().
+        with node.ignore_type():
+            node[parts[-1]] = text
+        return
     node[parts[-1]] = _convert(text, current, f"config.{dotted}")
 
 
@@ -148,10 +154,7 @@ def split_config_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks what can be checked without devices (the mesh is checked at startup)."""
-    from mmjax.data.sources import SOURCES  # Late: keeps config loading light.
-
-    if config.data.name not in SOURCES:
-        raise ConfigError(f"data.name={config.data.name!r} is unknown; allowed: {list(SOURCES)}")
+    _validate_data(config.data)
     if config.loss.contrastive not in CONTRASTIVE_LOSSES:
         raise ConfigError(
             f"loss.contrastive={config.loss.contrastive!r} is unknown; "
@@ -175,6 +178,38 @@ def validate(config: ml_collections.ConfigDict) -> None:
     extra = sorted(set(config.model.keys()) - known)
     if extra:
         raise ConfigError(f"model.{extra[0]} is not a model field; allowed: {sorted(known)}")
+
+
+def _validate_data(data: ml_collections.ConfigDict) -> None:
+    from mmjax.data.preprocess import ImageOptions  # Late: keeps config loading light.
+    from mmjax.data.sources import parse_mixture, parse_spec
+
+    try:
+        parse_mixture(data.train)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"data.train: {e}") from None
+    if not isinstance(data.eval, str):
+        raise ConfigError(f"data.eval={data.eval!r} must be one source spec, not a mixture")
+    try:
+        parse_spec(data.eval)
+    except ValueError as e:
+        raise ConfigError(f"data.eval: {e}") from None
+    try:
+        ImageOptions(
+            image_size=1,
+            train=True,
+            crop_scale=tuple(data.crop_scale),
+            crop_ratio=tuple(data.crop_ratio),
+            color_jitter=data.color_jitter,
+            max_pixels=data.max_image_pixels,
+        )
+    except ValueError as e:
+        raise ConfigError(f"data: {e}") from None
+    if not 0 <= data.max_skip_fraction <= 1:
+        raise ConfigError(f"data.max_skip_fraction={data.max_skip_fraction} must be in [0, 1]")
+    for key in ("workers", "min_samples_for_skip_check"):
+        if data[key] < 0:
+            raise ConfigError(f"data.{key}={data[key]} must be >= 0")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -25,7 +25,9 @@ from jax.experimental import multihost_utils
 
 from mmjax import sharding as shd
 from mmjax.data.pipeline import eval_batches
+from mmjax.data.preprocess import ImageOptions, decode_caption
 from mmjax.data.sources import make_source
+from mmjax.data.stats import DataStats
 from mmjax.eval_metrics import caption_metrics, retrieval_metrics
 from mmjax.generate import greedy_generate
 from mmjax.models.coca import CoCa
@@ -36,11 +38,27 @@ class Evaluator:
     """Compiles the eval functions once; `run(params)` returns `eval/...` metrics."""
 
     def __init__(
-        self, config: ml_collections.ConfigDict, model: CoCa, mesh, rules, tokenizer: Tokenizer
+        self,
+        config: ml_collections.ConfigDict,
+        model: CoCa,
+        mesh,
+        rules,
+        tokenizer: Tokenizer,
+        *,
+        workdir: str | Path | None = None,
     ):
         self.config, self.model, self.mesh, self.rules = config, model, mesh, rules
         self.tokenizer = tokenizer
-        self.source = make_source(config.data, "eval", model.cfg.image_size)
+        self.source = make_source(
+            config.data.eval,
+            split="eval",
+            data=config.data,
+            image_size=model.cfg.image_size,
+            cache_dir=Path(workdir) / "data_index" if workdir else None,
+        )
+        self.image_options = ImageOptions(
+            image_size=model.cfg.image_size, train=False, max_pixels=config.data.max_image_pixels
+        )
         rows = lambda ndim: shd.batch_sharding(mesh, rules, ndim)
         everywhere = shd.replicated(mesh)
 
@@ -74,16 +92,22 @@ class Evaluator:
         start = time.perf_counter()
         image_embs, text_embs, indices, predictions = [], [], [], []
         want_captions = min(cfg.eval.caption_examples, len(self.source))
+        stats = DataStats([self.source.name])
         batches = eval_batches(
             self.source,
             self.tokenizer,
             global_batch_size=cfg.eval.batch_size,
             context_length=self.model.cfg.context_length,
+            image_options=self.image_options,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
+            workers=cfg.data.workers,
+            num_threads=cfg.data.num_threads,
+            prefetch=cfg.data.prefetch,
         )
         with shd.activate(self.mesh, self.rules):
             for batch in batches:
+                stats.add(batch["counts"])
                 images, tokens = self._global(batch["images"]), self._global(batch["tokens"])
                 index = (
                     np.asarray(multihost_utils.process_allgather(batch["index"], tiled=True))
@@ -97,9 +121,9 @@ class Evaluator:
                 if sum(len(p) for p in predictions) < want_captions:
                     predictions.append(np.asarray(self._caption(params, images)))
         index = np.concatenate(indices)
-        keep = index >= 0  # Padding rows carry index -1.
+        keep = index >= 0  # Padding rows and bad samples carry index -1.
         index = index[keep]
-        references = [self.source[int(i)]["caption"] for i in index]
+        references = [decode_caption(self.source.caption(int(i))) for i in index]
         metrics = retrieval_metrics(
             np.concatenate(image_embs)[keep], np.concatenate(text_embs)[keep], captions=references
         )
@@ -109,6 +133,10 @@ class Evaluator:
         metrics.update(caption_metrics(texts, references[: len(texts)]))
         out = {f"eval/{k}": float(v) for k, v in metrics.items()}
         out["eval/num_examples"] = float(len(index))
+        counts = stats.counts
+        if jax.process_count() > 1:
+            counts = np.asarray(multihost_utils.process_allgather(counts[None], tiled=True)).sum(0)
+        out["eval/skipped"] = stats.metrics(counts)["data/skipped"]
         out["eval/seconds"] = time.perf_counter() - start
         self.last_samples = list(zip(references[: len(texts)], texts))
         return out

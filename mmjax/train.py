@@ -23,13 +23,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from mmjax import sharding as shd
 from mmjax.checkpoint import Checkpointer
 from mmjax.config_loading import ConfigError, load_config, split_config_flags, to_json
 from mmjax.data.pipeline import train_batches
-from mmjax.data.sources import caption_sample, make_source
+from mmjax.data.preprocess import ImageOptions
+from mmjax.data.sources import make_source, parse_mixture
+from mmjax.data.stats import DataError, DataStats
 from mmjax.evaluate import Evaluator
 from mmjax.flops import peak_flops, train_flops_per_step
 from mmjax.losses import caption_loss, contrastive_loss
@@ -37,7 +40,7 @@ from mmjax.metric_writer import MetricWriter
 from mmjax.models.coca import CoCa
 from mmjax.models.config import ModelConfig
 from mmjax.optimizer import learning_rate_schedule, make_optimizer
-from mmjax.tokenizer import Tokenizer, load_or_train_tokenizer
+from mmjax.tokenizer import Tokenizer, load_or_train_tokenizer, read_captions
 from mmjax.train_state import TrainState, create_train_state, data_seed, state_shardings
 
 PAD_ID = 0
@@ -174,7 +177,19 @@ class Trainer:
         self.rules = shd.rules_from_config(config.sharding_rules)
         self.model_cfg = ModelConfig.from_mapping(config.model.to_dict())
         self.model = CoCa(self.model_cfg)
-        self.train_source = make_source(config.data, "train", self.model_cfg.image_size)
+        mixture = parse_mixture(config.data.train)
+        self.train_sources = [
+            make_source(
+                spec,
+                split="train",
+                data=config.data,
+                image_size=self.model_cfg.image_size,
+                cache_dir=self.workdir / "data_index",
+            )
+            for spec, _ in mixture
+        ]
+        self.train_weights = [weight for _, weight in mixture]
+        self.data_stats = DataStats([source.name for source in self.train_sources])
         self.tokenizer = self._tokenizer(for_eval)
         self.tx = make_optimizer(config)
         self.abstract_state, self.state_shardings = state_shardings(
@@ -183,7 +198,9 @@ class Trainer:
         self.checkpointer = Checkpointer(
             self.workdir / "checkpoints", max_to_keep=config.keep_checkpoints
         )
-        self.evaluator = Evaluator(config, self.model, self.mesh, self.rules, self.tokenizer)
+        self.evaluator = Evaluator(
+            config, self.model, self.mesh, self.rules, self.tokenizer, workdir=self.workdir
+        )
         self.state: TrainState | None = None
 
     def _tokenizer(self, for_eval: bool) -> Tokenizer:
@@ -195,7 +212,9 @@ class Trainer:
         else:  # Trained once from the training captions, then cached in the workdir.
             tok = load_or_train_tokenizer(
                 path,
-                lambda: caption_sample(self.train_source),
+                lambda: read_captions(
+                    self.train_sources, self.config.data.tokenizer_captions, progress=self.is_chief
+                ),
                 self.config.data.tokenizer_vocab_size,
             )
         if tok.vocab_size > self.model_cfg.vocab_size:
@@ -211,7 +230,22 @@ class Trainer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.checkpointer.directory}")
         self.state = self.checkpointer.restore(step, self.abstract_state)
+        saved = self.checkpointer.restore_meta(step).get("data_counts")
+        # The counters are global sums: kept on process 0 so that sums stay right.
+        if saved is not None and self.is_chief:
+            try:
+                self.data_stats.load_json(saved)
+            except ValueError as e:
+                self._log(f"data counters start from zero: {e}")
         return step
+
+    def _global_data_counts(self) -> np.ndarray:
+        """Data counters summed over processes (a collective: every process calls it)."""
+        counts = self.data_stats.counts
+        if jax.process_count() > 1:
+            gathered = multihost_utils.process_allgather(counts[None], tiled=True)
+            counts = np.asarray(gathered).sum(axis=0)
+        return counts
 
     def compile_step(self):
         return compile_train_step(
@@ -258,14 +292,17 @@ class Trainer:
         )
 
         batches = train_batches(
-            self.train_source,
+            self.train_sources,
             self.tokenizer,
+            weights=self.train_weights,
             global_batch_size=cfg.batch_size,
             context_length=self.model_cfg.context_length,
             seed=data_seed(cfg.seed),
+            image_options=self.image_options(train=True),
             start_step=start_step,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
+            workers=cfg.data.workers,
             num_threads=cfg.data.num_threads,
             prefetch=cfg.data.prefetch,
         )
@@ -290,7 +327,9 @@ class Trainer:
         last_eval: dict[str, float] = {}
         try:
             for step in range(start_step + 1, cfg.total_steps + 1):
-                batch = self._to_device(next(batches))
+                batch = next(batches)
+                self.data_stats.add(batch.pop("counts"))
+                batch = self._to_device(batch)
                 self.state, metrics = step_fn(self.state, batch)
                 if pending is not None:  # Reading the previous step keeps the device queue full.
                     window.append(self._checked(*pending))
@@ -305,12 +344,17 @@ class Trainer:
                     continue
                 window.append(self._checked(*pending))  # Never save a state whose loss is NaN.
                 pending = None
+                data_counts = self._global_data_counts()
+                self.data_stats.check(
+                    cfg.data.max_skip_fraction, cfg.data.min_samples_for_skip_check, data_counts
+                )
                 if do_log:
                     elapsed = time.perf_counter() - window_start
                     summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
                     summary["examples_per_sec"] = window_steps * cfg.batch_size / elapsed
                     summary["step_seconds"] = elapsed / window_steps
                     summary["mfu"] = flops_per_step * window_steps / elapsed / peak
+                    summary.update(self.data_stats.metrics(data_counts))
                     writer.write(step, summary)
                     bar.set_postfix(
                         loss=f"{summary['loss']:.3f}",
@@ -319,7 +363,12 @@ class Trainer:
                     )
                     window = []
                 if do_ckpt:
-                    self.checkpointer.save(step, self.state, batch_size=cfg.batch_size)
+                    self.checkpointer.save(
+                        step,
+                        self.state,
+                        batch_size=cfg.batch_size,
+                        extra_meta={"data_counts": self.data_stats.to_json(data_counts)},
+                    )
                 if do_eval:
                     last_eval = self.evaluator.run(self.state.params)
                     writer.write(step, last_eval)
@@ -339,14 +388,26 @@ class Trainer:
                         )
                     )
                 window_start, window_steps = time.perf_counter(), 0  # Exclude eval/ckpt time.
-        except TrainingDiverged:
+        except (TrainingDiverged, DataError):
             self.checkpointer.wait()  # Let saves of earlier, good states complete.
             raise
         finally:
             bar.close()
             writer.close()
         self.checkpointer.wait()
+        self._log("data: " + self.data_stats.summary(self._global_data_counts()))
         return last_eval
+
+    def image_options(self, *, train: bool) -> ImageOptions:
+        data = self.config.data
+        return ImageOptions(
+            image_size=self.model_cfg.image_size,
+            train=train,
+            crop_scale=tuple(data.crop_scale),
+            crop_ratio=tuple(data.crop_ratio),
+            color_jitter=data.color_jitter,
+            max_pixels=data.max_image_pixels,
+        )
 
     def _checked(self, step: int, metrics) -> dict[str, float]:
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -396,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     finally:
         trainer.close()
     print(

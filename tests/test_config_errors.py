@@ -101,7 +101,7 @@ def test_unknown_contrastive_loss(capsys, tmp_path, no_compile):
 
 def test_unknown_data_source(capsys, tmp_path, no_compile):
     _check_in_process(
-        capsys, tmp_path, ["--config.data.name=laion"], "data.name='laion'", "'shapes'"
+        capsys, tmp_path, ["--config.data.train=laion:/x"], "data.train", "'laion'", "'csv'"
     )
 
 

@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 
 from mmjax.data.pipeline import eval_batches, num_eval_batches, train_batches
+from mmjax.data.preprocess import ImageOptions
 from mmjax.data.shapes import ShapesSource, all_captions
 from mmjax.tokenizer import train_tokenizer
 
 NUM_EXAMPLES = 40
 CONTEXT_LENGTH = 12
+TRAIN = ImageOptions(image_size=16, train=True)
+EVAL = ImageOptions(image_size=16, train=False)
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +43,9 @@ def _indices(batch, index_of_image):
 
 
 def _train(source, tokenizer, **overrides):
-    options = dict(global_batch_size=8, context_length=CONTEXT_LENGTH, seed=0)
+    options = dict(global_batch_size=8, context_length=CONTEXT_LENGTH, seed=0, image_options=TRAIN)
     options.update(overrides)
-    return train_batches(source, tokenizer, **options)
+    return train_batches([source], tokenizer, **options)
 
 
 def _assert_same_batches(actual, expected):
@@ -55,7 +58,7 @@ def _assert_same_batches(actual, expected):
 
 def test_train_batch_structure_and_image_caption_pairing(source, tokenizer, index_of_image):
     batch = next(_train(source, tokenizer))
-    assert set(batch) == {"images", "tokens"}
+    assert set(batch) == {"images", "tokens", "counts"}
     assert batch["images"].dtype == np.uint8 and batch["images"].shape == (8, 16, 16, 3)
     assert batch["tokens"].dtype == np.int32 and batch["tokens"].shape == (8, CONTEXT_LENGTH)
     # Each row's tokens are the caption of that row's image.
@@ -131,7 +134,12 @@ def test_train_rejects_bad_sharding(source, tokenizer):
         _train(source, tokenizer, start_step=-1)
     with pytest.raises(ValueError, match="batch_size"):
         eval_batches(
-            source, tokenizer, global_batch_size=8, context_length=CONTEXT_LENGTH, process_count=3
+            source,
+            tokenizer,
+            global_batch_size=8,
+            context_length=CONTEXT_LENGTH,
+            image_options=EVAL,
+            process_count=3,
         )
 
 
@@ -147,6 +155,7 @@ def test_eval_covers_every_example_once_in_order(tokenizer, process_count):
                 tokenizer,
                 global_batch_size=global_batch_size,
                 context_length=CONTEXT_LENGTH,
+                image_options=EVAL,
                 process_index=p,
                 process_count=process_count,
             )

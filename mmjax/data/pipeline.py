@@ -1,14 +1,21 @@
 """grain input pipelines: training batches addressed by step, ordered eval batches.
 
-Training reads an endless shuffled stream whose position is the global sample
-index step * global_batch_size, so resuming at step s needs no iterator state:
-the pipeline is rebuilt with start_step=s and yields exactly the batches an
-uninterrupted run would have seen. Each process reads only its own rows of
-every global batch.
+Training reads an endless stream: each source is shuffled (a new permutation
+every epoch) and repeated, and a mixture interleaves the sources in
+proportion to their weights. Stream position n is a pure function of (seed,
+n), so the position step * global_batch_size is the whole iterator state:
+resuming at step s rebuilds the pipeline with start_step=s and yields exactly
+the batches an uninterrupted run would have seen, with any number of grain
+workers. Each process reads only its own rows of every global batch.
+
+A bad sample (see mmjax.data.records) is replaced by another sample of the
+same source, drawn deterministically from (seed, n, attempt), and counted;
+the counts travel inside the batches (mmjax.data.stats).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Iterator, Sequence, Sized
@@ -16,85 +23,174 @@ from typing import Any
 
 import grain
 import numpy as np
+from absl import flags as absl_flags
 
+from mmjax.data.preprocess import ImageOptions, decode_caption, load_image
+from mmjax.data.records import BadSample, Source
+from mmjax.data.stats import COLUMN, DataError, empty_counts
 from mmjax.tokenizer import Tokenizer
+
+# A source whose samples fail this many times in a row is broken, not noisy.
+MAX_ATTEMPTS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleLoader:
+    """Reads, decodes and tokenises one example; picklable for grain workers."""
+
+    sources: tuple[Source, ...]
+    tokenizer: Tokenizer
+    image_options: ImageOptions
+    context_length: int
+    seed: int = 0
+
+    def load(self, source_id: int, index: int, rng: np.random.Generator | None) -> dict[str, Any]:
+        """One example or BadSample. Captions first: they are cheaper to reject."""
+        record = self.sources[source_id][index]
+        caption = decode_caption(record.get("caption"))
+        image = load_image(record["image"], self.image_options, rng)
+        tokens, truncated = self.tokenizer.encode(caption, self.context_length)
+        return {"image": image, "tokens": tokens, "caption": caption, "truncated": truncated}
+
+    def train_example(self, position: int, pick: tuple[int, int]) -> dict[str, Any]:
+        """Stream position -> example; bad samples are replaced from the same source."""
+        source_id, index = pick
+        source = self.sources[source_id]
+        counts = empty_counts(len(self.sources))
+        for attempt in range(MAX_ATTEMPTS):
+            rng = np.random.default_rng([self.seed, position, attempt])
+            if attempt:  # Another sample of the same source, fixed by (seed, position, attempt).
+                index = int(rng.integers(len(source)))
+            try:
+                example = self.load(source_id, index, rng)
+            except BadSample as bad:
+                counts[source_id, COLUMN[bad.reason]] += 1
+                last = bad
+                continue
+            counts[source_id, COLUMN["used"]] += 1
+            counts[source_id, COLUMN["truncated_caption"]] += int(example["truncated"])
+            return {"image": example["image"], "tokens": example["tokens"], "counts": counts}
+        raise DataError(
+            f"source {source.name}: {MAX_ATTEMPTS} samples in a row were bad near stream "
+            f"position {position}; last: {last}"
+        )
+
+    def eval_example(self, row: int, *, num_examples: int) -> dict[str, Any]:
+        """Row of the padded eval sequence; bad or padding rows come back valid=False."""
+        counts = empty_counts(len(self.sources))
+        valid = row < num_examples
+        try:
+            example = self.load(0, row % num_examples, None)
+        except BadSample as bad:
+            counts[0, COLUMN[bad.reason]] += int(valid)
+            size = self.image_options.image_size
+            example = {
+                "image": np.zeros((size, size, 3), np.uint8),
+                "tokens": self.tokenizer.encode("", self.context_length)[0],
+                "caption": "",
+            }
+            valid = False
+        else:
+            counts[0, COLUMN["used"]] += int(valid)
+            counts[0, COLUMN["truncated_caption"]] += int(example["truncated"] and valid)
+        return {
+            "image": example["image"],
+            "tokens": example["tokens"],
+            "caption": example["caption"],
+            "index": row if valid else -1,
+            "valid": valid,
+            "counts": counts,
+        }
 
 
 def train_batches(
-    source: grain.sources.RandomAccessDataSource,
+    sources: Sequence[Source],
     tokenizer: Tokenizer,
     *,
     global_batch_size: int,
     context_length: int,
     seed: int,
+    image_options: ImageOptions,
+    weights: Sequence[float] | None = None,
     start_step: int = 0,
     process_index: int = 0,
     process_count: int = 1,
+    workers: int = 0,
     num_threads: int = 2,
     prefetch: int = 4,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Endless {"images": uint8 [b, H, W, 3], "tokens": int32 [b, L]} batches.
+    """Endless {"images": uint8 [b,H,W,3], "tokens": int32 [b,L], "counts": int64 [S,C]}.
 
     b = global_batch_size // process_count. Process p's batch at step s holds
-    examples [s*B + p*b, s*B + (p+1)*b) of the shuffled stream (B the global
-    batch size); every epoch is a different permutation of `source`.
+    stream positions [s*B + p*b, s*B + (p+1)*b) (B the global batch size).
+    `counts` sums the examples' stats.COUNTERS for this process's rows.
     """
     batch_size = _per_process_batch_size(global_batch_size, process_index, process_count)
+    sources = tuple(sources)
+    weights = [1.0] * len(sources) if weights is None else list(weights)
+    if not sources or len(weights) != len(sources):
+        raise ValueError(f"need one weight per source, got {len(weights)} for {len(sources)}")
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
-    if len(source) == 0:
-        raise ValueError(f"train source {source!r} is empty")
-    dataset = (
-        grain.MapDataset.source(source)
-        .shuffle(seed=_shuffle_seed(seed))
+    for source in sources:
+        if len(source) == 0:
+            raise ValueError(f"train source {source.name} is empty")
+    components = [
+        grain.MapDataset.range(len(source))
+        .shuffle(seed=_shuffle_seed(seed, source_id))
         # Infinite; grain reseeds the shuffle per epoch, so epochs differ.
         .repeat()
-        .map(functools.partial(_train_example, tokenizer=tokenizer, context_length=context_length))
-        .batch(batch_size, batch_fn=_stack_train_examples)
+        .map(functools.partial(_tag, source_id))
+        for source_id, source in enumerate(sources)
+    ]
+    # grain's mixture interleaves by the weights deterministically, so every
+    # window of the stream (and every global batch) follows them closely.
+    stream = components[0] if len(components) == 1 else grain.MapDataset.mix(components, weights)
+    loader = ExampleLoader(sources, tokenizer, image_options, context_length, seed)
+    dataset = stream.map_with_index(loader.train_example).batch(
+        batch_size, batch_fn=_stack_train_examples
     )
-    # Per-process batch j covers stream examples [j*b, (j+1)*b): taking every
+    # Per-process batch j covers stream positions [j*b, (j+1)*b): taking every
     # process_count-th one, starting at process_index, gives this process its
     # rows of each global batch.
     dataset = dataset[process_index::process_count][start_step:]
-    read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
-    return iter(dataset.to_iter_dataset(read_options))
+    return _iterate(dataset, workers=workers, num_threads=num_threads, prefetch=prefetch)
 
 
 def eval_batches(
-    source: grain.sources.RandomAccessDataSource,
+    source: Source,
     tokenizer: Tokenizer,
     *,
     global_batch_size: int,
     context_length: int,
+    image_options: ImageOptions,
     process_index: int = 0,
     process_count: int = 1,
+    workers: int = 0,
     num_threads: int = 2,
     prefetch: int = 4,
 ) -> Iterator[dict[str, Any]]:
     """Every example of `source` exactly once, in index order.
 
-    Batches: {"images": uint8 [b, H, W, 3], "tokens": int32 [b, L],
-    "captions": list[str], "index": int64 [b], "valid": bool [b]}. The last
-    global batch is filled up with repeats of earlier examples marked
-    valid=False and index=-1, so every process gets the same number of
-    full-size batches. Process p gets rows [p*b, (p+1)*b) of each global batch.
+    Batches: {"images": uint8 [b,H,W,3], "tokens": int32 [b,L], "captions":
+    list[str], "index": int64 [b], "valid": bool [b], "counts": int64 [1,C]}.
+    The last global batch is filled up with repeats of earlier examples, and
+    bad samples are replaced by blanks; both are marked valid=False and
+    index=-1, so every process gets the same number of full-size batches.
+    Process p gets rows [p*b, (p+1)*b) of each global batch.
     """
     batch_size = _per_process_batch_size(global_batch_size, process_index, process_count)
     if len(source) == 0:
-        raise ValueError(f"eval source {source!r} is empty")
+        raise ValueError(f"eval source {source.name} is empty")
     num_rows = num_eval_batches(source, global_batch_size=global_batch_size) * global_batch_size
+    loader = ExampleLoader((source,), tokenizer, image_options, context_length)
     dataset = (
         grain.MapDataset.range(num_rows)
-        .map(
-            functools.partial(
-                _eval_example, source=source, tokenizer=tokenizer, context_length=context_length
-            )
-        )
+        .map(functools.partial(loader.eval_example, num_examples=len(source)))
         .batch(batch_size, batch_fn=_stack_eval_examples)
     )
     dataset = dataset[process_index::process_count]
-    read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
-    return iter(dataset.to_iter_dataset(read_options))
+    return _iterate(dataset, workers=workers, num_threads=num_threads, prefetch=prefetch)
 
 
 def num_eval_batches(source: Sized, *, global_batch_size: int) -> int:
@@ -102,6 +198,26 @@ def num_eval_batches(source: Sized, *, global_batch_size: int) -> int:
     if global_batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {global_batch_size}")
     return math.ceil(len(source) / global_batch_size)
+
+
+def _iterate(dataset: grain.MapDataset, *, workers: int, num_threads: int, prefetch: int):
+    if workers < 0:
+        raise ValueError(f"data.workers must be >= 0, got {workers}")
+    read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+    iterable = dataset.to_iter_dataset(read_options)
+    if workers:
+        # grain's worker processes read absl flags, which a non-absl program never
+        # parses; their defaults are what we want.
+        if not absl_flags.FLAGS.is_parsed():
+            absl_flags.FLAGS.mark_as_parsed()
+        # Worker processes decode in parallel; grain returns their batches in order.
+        options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch)
+        iterable = iterable.mp_prefetch(options)
+    return iter(iterable)
+
+
+def _tag(source_id: int, index: int) -> tuple[int, int]:
+    return source_id, int(index)
 
 
 def _per_process_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
@@ -120,47 +236,19 @@ def _per_process_batch_size(global_batch_size: int, process_index: int, process_
     return global_batch_size // process_count
 
 
-def _shuffle_seed(seed: int) -> int:
+def _shuffle_seed(seed: int, source_id: int = 0) -> int:
     # grain shuffles epoch e with seed + e, so raw seeds s and s+1 would share
     # all but one epoch order; hashing to 32 bits (grain's range) avoids that.
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    return int(np.random.SeedSequence(seed).generate_state(1)[0])
-
-
-def _train_example(
-    example: dict[str, Any], *, tokenizer: Tokenizer, context_length: int
-) -> dict[str, np.ndarray]:
-    # The image stays uint8: normalising on the device moves 4x fewer bytes.
-    return {
-        "image": np.asarray(example["image"], np.uint8),
-        "tokens": tokenizer.encode_batch([example["caption"]], context_length)[0],
-    }
+    return int(np.random.SeedSequence([seed, source_id]).generate_state(1)[0])
 
 
 def _stack_train_examples(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {
         "images": np.stack([example["image"] for example in examples]),
         "tokens": np.stack([example["tokens"] for example in examples]),
-    }
-
-
-def _eval_example(
-    row: int,
-    *,
-    source: grain.sources.RandomAccessDataSource,
-    tokenizer: Tokenizer,
-    context_length: int,
-) -> dict[str, Any]:
-    valid = row < len(source)
-    # Padding rows repeat an earlier example: same shapes, ignored via `valid`.
-    example = source[row % len(source)]
-    return {
-        "image": np.asarray(example["image"], np.uint8),
-        "tokens": tokenizer.encode_batch([example["caption"]], context_length)[0],
-        "caption": example["caption"],
-        "index": row if valid else -1,
-        "valid": valid,
+        "counts": np.sum([example["counts"] for example in examples], axis=0),
     }
 
 
@@ -171,4 +259,5 @@ def _stack_eval_examples(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "captions": [example["caption"] for example in examples],
         "index": np.array([example["index"] for example in examples], np.int64),
         "valid": np.array([example["valid"] for example in examples], bool),
+        "counts": np.sum([example["counts"] for example in examples], axis=0),
     }

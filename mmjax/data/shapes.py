@@ -84,10 +84,13 @@ def _position_phrase(position: str) -> str:
 
 
 class ShapesSource:
-    """Random-access source of {"image": uint8 [S, S, 3], "caption": str}.
+    """Random-access source of {"key": str, "image": uint8 [S, S, 3], "caption": str}.
 
-    Implements grain's RandomAccessDataSource protocol (__len__, __getitem__).
+    Implements grain's RandomAccessDataSource protocol (__len__, __getitem__)
+    and `mmjax.data.records.Source` (name, caption).
     """
+
+    name = "shapes"  # the spec that builds it (see mmjax.data.sources)
 
     def __init__(
         self,
@@ -131,7 +134,15 @@ class ShapesSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = self._rng(index)
         attributes = _draw_attributes(rng)
-        return {"image": self._render(rng, attributes), "caption": caption_for(attributes)}
+        return {
+            "key": f"shapes/{self.split}/{index}",
+            "image": self._render(rng, attributes),
+            "caption": caption_for(attributes),
+        }
+
+    def caption(self, index: int) -> str:
+        """The caption of example `index`, without rendering its image."""
+        return caption_for(self.attributes(index))
 
     def attributes(self, index: int) -> dict[str, str]:
         """The size/colour/shape/position of example `index` (no rendering)."""

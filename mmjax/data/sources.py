@@ -1,23 +1,158 @@
-"""Data sources chosen by name from `config.data`."""
+"""Data sources named by spec strings, and mixtures of them.
+
+A spec is `KIND` or `KIND:PATH`:
+
+  shapes                      the built-in procedural corpus (sized by config.data)
+  csv:/data/train.csv         a CSV/TSV of image paths and captions (mmjax.data.csv_source)
+  wds:/data/{000000..000099}.tar
+                              WebDataset tar shards (mmjax.data.wds_source)
+  arrayrecord:/data/ar/*.array_record
+                              ArrayRecord shards (mmjax.data.arrayrecord_source)
+
+A mixture is a list of (spec, weight) pairs; a bare spec is a mixture of one.
+"""
 
 from __future__ import annotations
 
-import itertools
+import ast
+import math
+import numbers
+import os
+from typing import Any
 
 import ml_collections
 
-from mmjax.data.shapes import ShapesSource
+from mmjax.data.records import BadSample, Source
 
-SOURCES = ("shapes",)
-
-
-def make_source(data: ml_collections.ConfigDict, split: str, image_size: int):
-    if data.name == "shapes":
-        num = data.train_examples if split == "train" else data.eval_examples
-        return ShapesSource(split=split, num_examples=num, seed=data.seed, image_size=image_size)
-    raise ValueError(f"data.name={data.name!r} is unknown; allowed: {list(SOURCES)}")
+SOURCE_KINDS = ("shapes", "csv", "wds", "arrayrecord")
+_NO_PATH_KINDS = ("shapes",)
 
 
-def caption_sample(source, limit: int = 5000):
-    """Captions of the first `limit` examples, for training a tokenizer."""
-    return [source[i]["caption"] for i in itertools.islice(range(len(source)), limit)]
+def parse_spec(spec: str) -> tuple[str, str]:
+    """'csv:/a.csv' -> ('csv', '/a.csv'); 'shapes' -> ('shapes', '')."""
+    if not isinstance(spec, str):
+        raise ValueError(f"source spec must be a string, got {spec!r}")
+    kind, colon, path = spec.strip().partition(":")
+    if kind not in SOURCE_KINDS:
+        raise ValueError(
+            f"source spec {spec!r}: unknown kind {kind!r}; allowed kinds: {list(SOURCE_KINDS)} "
+            "(specs: shapes, csv:PATH, wds:PATTERN, arrayrecord:GLOB)"
+        )
+    if kind in _NO_PATH_KINDS:
+        if colon:
+            raise ValueError(f"source spec {spec!r}: {kind} takes no path; write just {kind!r}")
+        return kind, ""
+    if not path:
+        raise ValueError(
+            f"source spec {spec!r}: {kind} needs a path, e.g. {kind}:PATH; "
+            f"allowed kinds: {list(SOURCE_KINDS)}"
+        )
+    return kind, path
+
+
+def parse_mixture(value: Any) -> list[tuple[str, float]]:
+    """[(spec, weight), ...] from a spec, a list of pairs, or a Python literal of such a list.
+
+    A bare spec (alone or as a list item) gets weight 1.0. Weights must be
+    finite and > 0; duplicate specs are allowed (their weights add up).
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.startswith(("[", "(")):
+            parse_spec(text)
+            return [(text, 1.0)]
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError) as e:
+            raise ValueError(
+                f"mixture {text!r} is not a Python literal list of (spec, weight) pairs "
+                f"({type(e).__name__})"
+            ) from None
+    if isinstance(value, (list, tuple)) and _is_pair(value):
+        value = [value]  # One (spec, weight) pair, not a list of them.
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"mixture must be a spec or a list of (spec, weight) pairs, got {value!r}")
+    if not value:
+        raise ValueError("mixture is empty: give at least one source spec")
+    mixture = []
+    for item in value:
+        if isinstance(item, str):
+            spec, weight = item, 1.0
+        elif isinstance(item, (list, tuple)) and _is_pair(item):
+            spec, weight = item
+        else:
+            raise ValueError(f"mixture item {item!r} is not a spec or a (spec, weight) pair")
+        spec = spec.strip()
+        parse_spec(spec)
+        if not math.isfinite(weight) or weight <= 0:
+            raise ValueError(f"mixture weight of {spec!r} is {weight}; weights must be > 0")
+        mixture.append((spec, float(weight)))
+    return mixture
+
+
+def _is_pair(item: Any) -> bool:
+    return (
+        len(item) == 2
+        and isinstance(item[0], str)
+        and isinstance(item[1], numbers.Real)
+        and not isinstance(item[1], bool)
+    )
+
+
+def make_source(
+    spec: str,
+    *,
+    split: str,
+    data: ml_collections.ConfigDict,
+    image_size: int,
+    cache_dir: str | os.PathLike | None = None,
+) -> Source:
+    """The source a spec names. `data` is config.data; `cache_dir` holds wds indexes
+    when the shards' folder is not writable."""
+    kind, path = parse_spec(spec)
+    # Late imports: each kind pulls in only what it needs.
+    if kind == "shapes":
+        from mmjax.data.shapes import ShapesSource
+
+        return ShapesSource(
+            split=split,
+            num_examples=data.train_examples if split == "train" else data.eval_examples,
+            seed=data.seed,
+            image_size=image_size,
+        )
+    if kind == "csv":
+        from mmjax.data.csv_source import CsvSource
+
+        return CsvSource(
+            path,
+            image_key=data.get("image_key", "filepath"),
+            caption_key=data.get("caption_key", "caption"),
+        )
+    if kind == "wds":
+        from mmjax.data.wds_source import WebDatasetSource
+
+        return WebDatasetSource(path, cache_dir=cache_dir)
+    from mmjax.data.arrayrecord_source import ArrayRecordSource
+
+    return ArrayRecordSource(path)
+
+
+def caption_sample(source: Source, limit: int = 5000) -> list[str]:
+    """Up to `limit` captions spread evenly over `source`, for training a tokenizer.
+
+    Reads captions only (no images) and normalises them as the pipeline does
+    (`preprocess.decode_caption`); captions the pipeline would skip (unreadable,
+    missing, not UTF-8, blank) are skipped here too.
+    """
+    from mmjax.data.preprocess import decode_caption  # Late: only training needs PIL.
+
+    size = len(source)
+    count = min(size, limit)
+    captions = []
+    for i in range(count):
+        # Evenly spaced, distinct indices: a source sorted by topic is sampled throughout.
+        try:
+            captions.append(decode_caption(source.caption(i * size // count)))
+        except BadSample:
+            continue
+    return captions

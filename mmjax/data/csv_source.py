@@ -1,0 +1,115 @@
+"""A CSV or TSV file of image paths and captions, as a random-access source.
+
+One row per sample; the header names the columns (by default `filepath` and
+`caption`, as written by img2dataset-style tools and `mmjax.data.image_corpus`).
+`.tsv` files are tab-separated, anything else comma-separated; both follow the
+csv module's quoting rules, so files written by it (or pandas) read back as
+written. Relative image paths resolve against the CSV's folder.
+
+The file is read as UTF-8 with `surrogateescape`: a caption holding invalid
+UTF-8 survives as a str with lone surrogates, which the caption decoder
+rejects as `caption_not_utf8` (and which re-encodes to the original bytes).
+Images are returned as the file's raw bytes; decoding happens later.
+"""
+
+from __future__ import annotations
+
+import csv
+import operator
+import os
+from pathlib import Path
+from typing import Any
+
+from mmjax.data.records import BadSample
+
+# Errors that mean "this image file cannot be read": the sample is skipped.
+UNREADABLE_FILE_ERRORS = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+
+
+class CsvSource:
+    """Rows of a CSV/TSV file: {"key": image path as written, "image": bytes, "caption": str}."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        image_key: str = "filepath",
+        caption_key: str = "caption",
+    ):
+        self.path = Path(path)
+        self.name = f"csv:{path}"
+        self.image_key = image_key
+        self.caption_key = caption_key
+        self._folder = str(self.path.parent)
+        delimiter = "\t" if self.path.suffix.lower() == ".tsv" else ","
+        # Raw strings (not resolved paths) keep memory to about one str per cell.
+        self._filepaths: list[str] = []
+        self._captions: list[str] = []
+        with open(self.path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            reader = csv.reader(f, delimiter=delimiter)
+            header = next(reader, None)
+            if header is None:
+                raise ValueError(f"{self.path}: empty file, expected a header row")
+            columns = []
+            for key in (image_key, caption_key):
+                if key not in header:
+                    raise ValueError(f"{self.path}: no column {key!r}; columns present: {header}")
+                columns.append(header.index(key))
+            image_column, caption_column = columns
+            needed = max(columns) + 1
+            for row in reader:
+                if not row:  # A blank line is no sample.
+                    continue
+                if len(row) < needed:
+                    raise ValueError(
+                        f"{self.path}:{reader.line_num}: row has {len(row)} fields, "
+                        f"header has {len(header)}"
+                    )
+                self._filepaths.append(row[image_column])
+                self._captions.append(row[caption_column])
+        if not self._filepaths:
+            raise ValueError(f"{self.path}: no rows after the header")
+
+    def __len__(self) -> int:
+        return len(self._filepaths)
+
+    def __repr__(self) -> str:
+        return f"CsvSource({str(self.path)!r}, {len(self)} rows)"
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = self._check(index)
+        filepath = self._filepaths[index]
+        return {
+            "key": filepath,
+            "image": read_file(os.path.join(self._folder, filepath)),
+            "caption": self._captions[index],
+        }
+
+    def caption(self, index: int) -> str:
+        """The caption as read (a str; lone surrogates mark invalid UTF-8)."""
+        return self._captions[self._check(index)]
+
+    def image_path(self, index: int) -> str:
+        """The image path of row `index`, resolved against the CSV's folder."""
+        return os.path.join(self._folder, self._filepaths[self._check(index)])
+
+    def _check(self, index: int) -> int:
+        index = operator.index(index)
+        if not 0 <= index < len(self._filepaths):
+            raise IndexError(f"{self.name}: index {index} out of range for {len(self)} rows")
+        return index
+
+
+def read_file(path: str) -> bytes:
+    """A whole file's bytes; an unreadable file is a `missing_file` BadSample."""
+    try:
+        # A fresh handle per call: safe from any number of threads.
+        with open(path, "rb") as f:
+            return f.read()
+    except UNREADABLE_FILE_ERRORS as e:
+        raise BadSample("missing_file", f"{path}: {e.strerror or type(e).__name__}") from None

@@ -1,0 +1,314 @@
+"""WebDataset tar shards (img2dataset layout) as a random-access source.
+
+A shard is an uncompressed tar whose members are grouped into samples by key:
+`KEY.jpg` (or .jpeg/.png/.webp, any case) holds the image, `KEY.txt` the
+caption and `KEY.json` metadata (indexed, unused for now). KEY is the member
+name up to the first dot of its basename, with any directory prefix kept
+(img2dataset keys contain no dots). Other members are ignored.
+
+Random access without extracting anything: each shard's tar headers are
+scanned once with `tarfile` for every member's data offset and size, and
+samples are read with `os.pread` on a file descriptor opened lazily per
+process (pread has no shared file position, so threads need no lock).
+
+The index of a shard is cached as `<shard>.idx.json` next to it when that
+folder is writable, else in `cache_dir` (named by a hash of the shard's
+absolute path), else kept in memory only. A cache is used only while the
+shard's size and mtime_ns match the ones it records.
+
+Incomplete samples are kept, so that the pipeline counts them rather than
+hiding them: a key with a caption (or metadata) but no image raises
+BadSample("missing_file") when read; a key with an image but no caption reads
+with caption None, which the caption decoder counts as `empty_caption`.
+If a key has several images, the first one in the tar is used.
+
+Samples are ordered by shard (in pattern order), then by where their key
+first appears in the tar.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import itertools
+import json
+import operator
+import os
+import re
+import tarfile
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmjax.data.records import BadSample
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+INDEX_SUFFIX = ".idx.json"
+INDEX_VERSION = 1
+# Columns of a shard index: member data offset and size, -1 where the member is absent.
+_FIELDS = ("image", "txt", "json")
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expands `{000..099}` ranges (zero padding kept) and `{a,b}` lists, left to right.
+
+    `a{0..1}b{x,y}` -> a0bx, a0by, a1bx, a1by. A range counts down if its end is
+    below its start. Braces holding neither a range nor a comma stay literal.
+    """
+    pieces: list[list[str]] = []
+    position = 0
+    for match in _BRACE.finditer(pattern):
+        pieces.append([pattern[position : match.start()]])
+        pieces.append(_expand_group(match.group(1)))
+        position = match.end()
+    pieces.append([pattern[position:]])
+    return ["".join(parts) for parts in itertools.product(*pieces)]
+
+
+def _expand_group(body: str) -> list[str]:
+    match = _RANGE.match(body)
+    if match:
+        first, last = match.groups()
+        start, stop = int(first), int(last)
+        step = 1 if stop >= start else -1
+        # Leading zeros on either end ask for padding to the wider end.
+        padded = any(
+            len(s.lstrip("-")) > 1 and s.lstrip("-").startswith("0") for s in match.groups()
+        )
+        width = max(len(first), len(last)) if padded else 0
+        return [f"{n:0{width}d}" for n in range(start, stop + step, step)]
+    if "," in body:
+        return body.split(",")
+    return ["{" + body + "}"]
+
+
+def shard_paths(pattern: str) -> list[str]:
+    """The shard files `pattern` names, in order; glob wildcards are allowed after expansion."""
+    paths: list[str] = []
+    for expanded in expand_braces(pattern):
+        if _GLOB_CHARS.search(expanded):
+            matched = sorted(glob.glob(expanded))
+            if not matched:
+                raise FileNotFoundError(f"no shard matches {expanded!r} (from {pattern!r})")
+            paths.extend(matched)
+        elif not os.path.isfile(expanded):
+            raise FileNotFoundError(f"shard {expanded} does not exist (from {pattern!r})")
+        else:
+            paths.append(expanded)
+    return paths
+
+
+class ShardIndex:
+    """Where each sample's members lie in one shard (offset, size; -1 when absent)."""
+
+    def __init__(self, keys: list[str], columns: dict[str, np.ndarray]):
+        # Fixed-width arrays: far smaller than lists of Python objects.
+        self.keys = np.asarray(keys, dtype=str)
+        self.columns = {name: np.asarray(columns[name], np.int64) for name in columns}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def to_json(self, size: int, mtime_ns: int, shard: str) -> dict[str, Any]:
+        return {
+            "version": INDEX_VERSION,
+            "shard": shard,
+            "shard_size": size,
+            "shard_mtime_ns": mtime_ns,
+            "keys": self.keys.tolist(),
+            **{name: column.tolist() for name, column in self.columns.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ShardIndex:
+        columns = {}
+        for field in _FIELDS:
+            for part in ("offset", "size"):
+                columns[f"{field}_{part}"] = data[f"{field}_{part}"]
+        return cls(data["keys"], columns)
+
+
+def scan_shard(path: str) -> ShardIndex:
+    """Reads a tar's headers (not its data) and groups members into samples."""
+    found: dict[str, dict[str, tuple[int, int]]] = {}  # Insertion order = tar order.
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile() or member.issparse():
+                    continue
+                folder, _, basename = member.name.rpartition("/")
+                stem, dot, extension = basename.partition(".")
+                if not stem or not dot:
+                    continue
+                extension = extension.lower()
+                field = "image" if extension in IMAGE_EXTENSIONS else extension
+                if field not in _FIELDS:
+                    continue
+                key = f"{folder}/{stem}" if folder else stem
+                # setdefault: the first image (or caption) of a key wins.
+                found.setdefault(key, {}).setdefault(field, (member.offset_data, member.size))
+    except tarfile.ReadError as e:
+        raise ValueError(f"shard {path} is not an uncompressed tar file: {e}") from None
+    columns = {
+        f"{field}_{part}": [members.get(field, (-1, -1))[i] for members in found.values()]
+        for field in _FIELDS
+        for i, part in enumerate(("offset", "size"))
+    }
+    return ShardIndex(list(found), columns)
+
+
+def _cache_paths(shard: str, cache_dir: str | os.PathLike | None) -> list[Path]:
+    paths = [Path(shard + INDEX_SUFFIX)]
+    if cache_dir is not None:
+        digest = hashlib.sha256(os.path.abspath(shard).encode("utf-8", "surrogateescape"))
+        paths.append(Path(cache_dir) / f"{digest.hexdigest()[:32]}{INDEX_SUFFIX}")
+    return paths
+
+
+def load_index(shard: str, cache_dir: str | os.PathLike | None = None) -> ShardIndex:
+    """The shard's index: from a fresh cache if there is one, else scanned and cached."""
+    stat = os.stat(shard)
+    absolute = os.path.abspath(shard)
+    candidates = _cache_paths(shard, cache_dir)
+    for cache in candidates:
+        try:
+            data = json.loads(cache.read_text(encoding="utf-8"))
+            if (
+                data.get("version") == INDEX_VERSION
+                and data.get("shard_size") == stat.st_size
+                and data.get("shard_mtime_ns") == stat.st_mtime_ns
+                and (cache == candidates[0] or data.get("shard") == absolute)
+            ):
+                return ShardIndex.from_json(data)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # Missing, unreadable or corrupt: rebuild.
+    index = scan_shard(shard)
+    text = json.dumps(index.to_json(stat.st_size, stat.st_mtime_ns, absolute))
+    for cache in candidates:
+        if _write_atomically(cache, text):
+            break
+    return index
+
+
+def _write_atomically(path: Path, text: str) -> bool:
+    """Writes via a temporary file and rename, so readers never see half a file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError:
+        return False  # Not writable: try the next place.
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide it from other users.
+            f.write(text)
+        os.replace(temporary, path)
+        return True
+    except OSError:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        return False
+
+
+class WebDatasetSource:
+    """Samples of tar shards: {"key": "SHARD:KEY", "image": bytes, "caption": bytes | None}."""
+
+    def __init__(self, pattern: str, *, cache_dir: str | os.PathLike | None = None):
+        self.pattern = pattern
+        self.name = f"wds:{pattern}"
+        self.shards = shard_paths(pattern)
+        self.indexes = [load_index(shard, cache_dir) for shard in self.shards]
+        # Sample i lives in shard s where starts[s] <= i < starts[s + 1].
+        self._starts = np.cumsum([0] + [len(index) for index in self.indexes])
+        self._fds: dict[int, int] = {}
+        self._fd_lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __repr__(self) -> str:
+        return f"WebDatasetSource({self.pattern!r}, {len(self.shards)} shards, {len(self)} samples)"
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        shard, row = self._locate(index)
+        key = f"{self.shards[shard]}:{self.indexes[shard].keys[row]}"
+        image = self._read(shard, row, "image")
+        if image is None:
+            raise BadSample("missing_file", f"{key}: no image member (.jpg/.jpeg/.png/.webp)")
+        return {"key": key, "image": image, "caption": self._read(shard, row, "txt")}
+
+    def caption(self, index: int) -> bytes | None:
+        """The raw caption bytes (None without a .txt member); reads nothing else."""
+        return self._read(*self._locate(index), "txt")
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        index = operator.index(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.name}: index {index} out of range for {len(self)} samples")
+        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return shard, index - int(self._starts[shard])
+
+    def _read(self, shard: int, row: int, field: str) -> bytes | None:
+        columns = self.indexes[shard].columns
+        offset = int(columns[f"{field}_offset"][row])
+        size = int(columns[f"{field}_size"][row])
+        if offset < 0:
+            return None
+        fd = self._fd(shard)
+        data = os.pread(fd, size, offset)
+        while len(data) < size:  # pread may return less; 0 bytes means end of file.
+            more = os.pread(fd, size - len(data), offset + len(data))
+            if not more:
+                raise BadSample(
+                    "missing_file",
+                    f"{self.shards[shard]}: shorter than its index (changed since indexed?)",
+                )
+            data += more
+        return data
+
+    def _fd(self, shard: int) -> int:
+        fd = self._fds.get(shard)
+        if fd is None:
+            with self._fd_lock:  # Two threads must not both open (and leak) a descriptor.
+                fd = self._fds.get(shard)
+                if fd is None:
+                    try:
+                        fd = os.open(self.shards[shard], os.O_RDONLY)
+                    except (FileNotFoundError, PermissionError) as e:
+                        raise BadSample(
+                            "missing_file", f"{self.shards[shard]}: {e.strerror}"
+                        ) from None
+                    self._fds[shard] = fd
+        return fd
+
+    def close(self) -> None:
+        """Closes this process's shard descriptors (they reopen on the next read)."""
+        with self._fd_lock:
+            fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Descriptors and locks belong to this process; the receiver opens its own.
+        state = self.__dict__.copy()
+        state["_fds"] = {}
+        del state["_fd_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._fd_lock = threading.Lock()
