@@ -188,7 +188,7 @@ def _validate_data(data: ml_collections.ConfigDict) -> None:
         parse_mixture(data.train)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"data.train: {e}") from None
-    if not isinstance(data.eval, str):
+    if not isinstance(data.eval, str) or data.eval.lstrip().startswith(("[", "(")):
         raise ConfigError(f"data.eval={data.eval!r} must be one source spec, not a mixture")
     try:
         parse_spec(data.eval)

@@ -24,6 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mmjax import sharding as shd
+from mmjax.config_loading import ConfigError
 from mmjax.data.pipeline import eval_batches
 from mmjax.data.preprocess import ImageOptions, decode_caption
 from mmjax.data.sources import make_source
@@ -49,13 +50,16 @@ class Evaluator:
     ):
         self.config, self.model, self.mesh, self.rules = config, model, mesh, rules
         self.tokenizer = tokenizer
-        self.source = make_source(
-            config.data.eval,
-            split="eval",
-            data=config.data,
-            image_size=model.cfg.image_size,
-            cache_dir=Path(workdir) / "data_index" if workdir else None,
-        )
+        try:
+            self.source = make_source(
+                config.data.eval,
+                split="eval",
+                data=config.data,
+                image_size=model.cfg.image_size,
+                cache_dir=Path(workdir) / "data_index" if workdir else None,
+            )
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"data.eval: {e}") from None
         self.image_options = ImageOptions(
             image_size=model.cfg.image_size, train=False, max_pixels=config.data.max_image_pixels
         )
@@ -143,7 +147,7 @@ class Evaluator:
 
 
 def main(argv=None) -> int:
-    from mmjax.config_loading import ConfigError, apply_override, from_json_file, split_config_flags
+    from mmjax.config_loading import apply_override, from_json_file, split_config_flags
     from mmjax.train import Trainer  # Same restore path as training.
 
     argv = list(sys.argv[1:] if argv is None else argv)

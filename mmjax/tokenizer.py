@@ -184,31 +184,13 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 def read_captions(sources: Sequence[Any], limit: int, *, progress: bool = False) -> list[str]:
-    """Up to `limit` decoded captions spread evenly over `sources` and over each source.
-
-    Reads captions only (no images); bad captions (empty, not UTF-8) are left out.
-    """
-    from tqdm import tqdm
-
-    from mmjax.data.preprocess import decode_caption
-    from mmjax.data.records import BadSample
+    """Up to `limit` usable captions spread evenly over `sources` and within each source."""
+    from mmjax.data.sources import caption_sample
 
     if limit < 1:
         raise ValueError(f"caption limit must be >= 1, got {limit}")
     per_source = max(1, limit // max(len(sources), 1))
-    picks = []
-    for source in sources:
-        count = min(per_source, len(source))
-        # Evenly spaced indices: a corpus sorted by topic still gives a fair sample.
-        indices = np.linspace(0, len(source), count, endpoint=False).astype(np.int64)
-        picks += [(source, int(i)) for i in indices]
-    captions = []
-    for source, index in tqdm(picks, desc="captions", unit="cap", disable=not progress):
-        try:
-            captions.append(decode_caption(source.caption(index)))
-        except BadSample:
-            continue
-    return captions
+    return [c for source in sources for c in caption_sample(source, per_source, progress=progress)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

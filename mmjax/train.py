@@ -178,16 +178,19 @@ class Trainer:
         self.model_cfg = ModelConfig.from_mapping(config.model.to_dict())
         self.model = CoCa(self.model_cfg)
         mixture = parse_mixture(config.data.train)
-        self.train_sources = [
-            make_source(
-                spec,
-                split="train",
-                data=config.data,
-                image_size=self.model_cfg.image_size,
-                cache_dir=self.workdir / "data_index",
-            )
-            for spec, _ in mixture
-        ]
+        try:
+            self.train_sources = [
+                make_source(
+                    spec,
+                    split="train",
+                    data=config.data,
+                    image_size=self.model_cfg.image_size,
+                    cache_dir=self.workdir / "data_index",
+                )
+                for spec, _ in mixture
+            ]
+        except (ValueError, OSError) as e:  # Missing file, missing column, bad shard...
+            raise ConfigError(f"data.train: {e}") from None
         self.train_weights = [weight for _, weight in mixture]
         self.data_stats = DataStats([source.name for source in self.train_sources])
         self.tokenizer = self._tokenizer(for_eval)

@@ -184,3 +184,49 @@ def test_subprocess_exit_code_and_clean_stderr(tmp_path):
     line, stderr = _run_cli(tmp_path, "--config.model.foo=1", devices=1)
     assert "'model.foo'" in line
     assert stderr.strip().splitlines() == [line]
+
+
+def test_missing_csv_names_the_key_and_the_file(capsys, tmp_path, no_compile):
+    missing = tmp_path / "nowhere.csv"
+    _check_in_process(
+        capsys, tmp_path, [f"--config.data.train=csv:{missing}"], "data.train", str(missing)
+    )
+
+
+def test_csv_without_the_caption_column_names_it(capsys, tmp_path, no_compile):
+    table = tmp_path / "t.csv"
+    table.write_text("filepath,text\na.jpg,a cat\n")
+    _check_in_process(
+        capsys, tmp_path, [f"--config.data.train=csv:{table}"], "data.train", "'caption'"
+    )
+
+
+def test_mixture_weight_must_be_positive(capsys, tmp_path, no_compile):
+    mixture = "[('shapes', 1.0), ('csv:/x.csv', -2)]"
+    _check_in_process(
+        capsys, tmp_path, [f"--config.data.train={mixture}"], "data.train", "csv:/x.csv"
+    )
+
+
+def test_eval_source_cannot_be_a_mixture(capsys, tmp_path, no_compile):
+    _check_in_process(
+        capsys, tmp_path, ["--config.data.eval=[('shapes', 1.0)]"], "data.eval", "one source"
+    )
+
+
+def test_bad_crop_scale_names_it(capsys, tmp_path, no_compile):
+    _check_in_process(capsys, tmp_path, ["--config.data.crop_scale=(0.5, 2.0)"], "crop_scale")
+
+
+def test_mixture_literal_round_trips_through_config_json(tmp_path):
+    from mmjax.config_loading import from_json_file, load_config, to_json
+    from mmjax.data.sources import parse_mixture
+
+    mixture = "[('shapes', 3.0), ('csv:/data/b.csv', 1.0)]"
+    config = load_config(CONFIG + ":size=tiny", [f"data.train={mixture}"])
+    assert parse_mixture(config.data.train) == [("shapes", 3.0), ("csv:/data/b.csv", 1.0)]
+    (tmp_path / "config.json").write_text(to_json(config))
+    assert parse_mixture(from_json_file(tmp_path / "config.json").data.train) == [
+        ("shapes", 3.0),
+        ("csv:/data/b.csv", 1.0),
+    ]

@@ -609,3 +609,43 @@ def test_convert_cli_bad_spec_exits_2_with_one_line(tmp_path, capsys):
     assert convert.main([f"csv:{tmp_path}/missing.csv", str(tmp_path / "out")]) == 1
     assert "missing.csv" in capsys.readouterr().err
     assert sources.SOURCE_KINDS == ("shapes", "csv", "wds", "arrayrecord")
+
+
+def test_csv_wds_and_arrayrecord_forms_give_identical_training_batches(tmp_path):
+    import itertools
+
+    from mmjax.data.pipeline import train_batches
+    from mmjax.data.preprocess import ImageOptions
+    from mmjax.tokenizer import train_tokenizer
+
+    csv_path = write_image_corpus(tmp_path / "corpus", num_examples=20, image_size=24)
+    pattern = write_wds_shards(csv_path, tmp_path / "wds", shard_size=8)
+    assert (
+        convert.main([f"csv:{csv_path}", str(tmp_path / "ar"), "--shards", "3", "--no-progress"])
+        == 0
+    )
+    forms = [
+        CsvSource(csv_path),
+        WebDatasetSource(pattern),
+        ArrayRecordSource(f"{tmp_path}/ar/*.array_record"),
+    ]
+    tokenizer = train_tokenizer(caption_sample(forms[0]), tmp_path / "tok.model", 64)
+    options = ImageOptions(image_size=16, train=True, crop_scale=(0.5, 1.0))
+
+    def batches(source):
+        stream = train_batches(
+            [source],
+            tokenizer,
+            global_batch_size=8,
+            context_length=12,
+            seed=4,
+            image_options=options,
+        )
+        return list(itertools.islice(stream, 6))  # 48 positions: more than two epochs.
+
+    expected = batches(forms[0])
+    assert len({b["images"].tobytes() for b in expected}) == 6  # Distinct, real batches.
+    for form in forms[1:]:
+        for got, want in zip(batches(form), expected, strict=True):
+            np.testing.assert_array_equal(got["images"], want["images"], err_msg=form.name)
+            np.testing.assert_array_equal(got["tokens"], want["tokens"], err_msg=form.name)

@@ -137,19 +137,21 @@ def make_source(
     return ArrayRecordSource(path)
 
 
-def caption_sample(source: Source, limit: int = 5000) -> list[str]:
+def caption_sample(source: Source, limit: int = 5000, *, progress: bool = False) -> list[str]:
     """Up to `limit` captions spread evenly over `source`, for training a tokenizer.
 
     Reads captions only (no images) and normalises them as the pipeline does
     (`preprocess.decode_caption`); captions the pipeline would skip (unreadable,
     missing, not UTF-8, blank) are skipped here too.
     """
+    from tqdm import tqdm
+
     from mmjax.data.preprocess import decode_caption  # Late: only training needs PIL.
 
     size = len(source)
     count = min(size, limit)
     captions = []
-    for i in range(count):
+    for i in tqdm(range(count), desc=f"captions of {source.name}", disable=not progress):
         # Evenly spaced, distinct indices: a source sorted by topic is sampled throughout.
         try:
             captions.append(decode_caption(source.caption(i * size // count)))
