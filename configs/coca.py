@@ -24,7 +24,6 @@ eval/caption_exact about 0.82.
 import ml_collections
 
 from mmjax.config_loading import model_size, parse_arg
-from mmjax.sharding import DEFAULT_RULES
 
 
 def get_config(arg=None):
@@ -37,16 +36,27 @@ def get_config(arg=None):
     config.eval_every = 500
     config.checkpoint_every = 500
     config.keep_checkpoints = 3
+    config.train = ml_collections.ConfigDict()
+    # Gradient accumulation: the global batch is processed in this many slices (less
+    # activation memory, same gradient; each slice still sees the whole batch's negatives).
+    config.train.microbatches = 1
 
     config.model = ml_collections.ConfigDict(model_size(arg.size))
     config.model.dtype = "float32"  # 'bfloat16' on accelerators.
     config.model.param_dtype = "float32"
     config.model.scan_layers = True
-    config.model.remat = "none"  # none | full | dots | dots_no_batch
+    # Rematerialisation: none | minimal | dots-saveable | full, for all towers or per tower
+    # (remat_vision / remat_text / remat_decoder; '' follows model.remat).
+    config.model.remat = "none"
 
-    # Mesh: sizes of the data, fsdp and tensor axes; one may be -1 to fill the devices.
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    config.sharding_rules = DEFAULT_RULES
+    # Mesh: sizes of the data, fsdp and tensor axes inside one slice (TPU) or process
+    # (elsewhere); one may be -1 to fill its devices. dcn_data / dcn_fsdp multiply the data
+    # and fsdp axes across slices/processes (their product: the number of them, or 1).
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1))
+    # A preset of mmjax.sharding.RULE_PRESETS: data_parallel (weights replicated) | fsdp
+    # (weights' embed dim over fsdp) | fsdp_tensor (fsdp + heads/mlp/vocab over tensor);
+    # or a list of (logical name, mesh axes) pairs. The batch goes over data x fsdp.
+    config.sharding_rules = "fsdp_tensor"
 
     config.loss = ml_collections.ConfigDict()
     config.loss.contrastive = "softmax"  # softmax (CLIP) | sigmoid (SigLIP)
@@ -62,6 +72,9 @@ def get_config(arg=None):
     config.optimizer.b2 = 0.98
     config.optimizer.eps = 1e-6
     config.optimizer.grad_clip = 1.0
+    # Keep the Adam moments in host memory between steps (backends with a pinned_host
+    # memory space: TPU, GPU, CPU); saves 2x the parameter bytes of device memory.
+    config.optimizer.offload_state = False
 
     config.data = ml_collections.ConfigDict()
     # Source specs: shapes (built in), csv:PATH, wds:PATTERN, arrayrecord:GLOB. `train` may

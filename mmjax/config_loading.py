@@ -170,6 +170,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("batch_size", "total_steps", "log_every", "eval_every", "checkpoint_every"):
         if config[key] < 1:
             raise ConfigError(f"{key}={config[key]} must be >= 1")
+    if config.train.microbatches < 1 or config.batch_size % config.train.microbatches:
+        raise ConfigError(
+            f"train.microbatches={config.train.microbatches} must be >= 1 and divide "
+            f"batch_size={config.batch_size}"
+        )
     try:
         ModelConfig.from_mapping(config.model.to_dict()).validate()
     except ValueError as e:

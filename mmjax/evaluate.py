@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from mmjax import distributed
 from mmjax import sharding as shd
 from mmjax.config_loading import ConfigError
 from mmjax.data.pipeline import eval_batches
@@ -160,6 +161,11 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     args = parser.parse_args(rest)
+    try:  # Before anything touches the devices.
+        distributed.initialize()
+    except distributed.DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     workdir = Path(args.workdir)
     if not (workdir / "config.json").is_file():
         print(

@@ -26,6 +26,7 @@ import optax
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from mmjax import distributed
 from mmjax import sharding as shd
 from mmjax.checkpoint import Checkpointer
 from mmjax.config_loading import ConfigError, load_config, split_config_flags, to_json
@@ -35,19 +36,136 @@ from mmjax.data.sources import make_source, parse_mixture
 from mmjax.data.stats import DataError, DataStats
 from mmjax.evaluate import Evaluator
 from mmjax.flops import peak_flops, train_flops_per_step
-from mmjax.losses import caption_loss, contrastive_loss
+from mmjax.losses import caption_loss
 from mmjax.metric_writer import MetricWriter
 from mmjax.models.coca import CoCa
 from mmjax.models.config import ModelConfig
 from mmjax.optimizer import learning_rate_schedule, make_optimizer
+from mmjax.sharded_losses import sharded_contrastive_loss
 from mmjax.tokenizer import Tokenizer, load_or_train_tokenizer, read_captions
-from mmjax.train_state import TrainState, create_train_state, data_seed, state_shardings
+from mmjax.train_state import (
+    HOST_MEMORY,
+    TrainState,
+    create_train_state,
+    data_seed,
+    state_shardings,
+)
 
 PAD_ID = 0
 
 
 class TrainingDiverged(RuntimeError):
     """A NaN/Inf loss: the run stops; earlier checkpoints stay as they are."""
+
+
+def loss_and_grads(
+    params,
+    batch: dict[str, jax.Array],
+    *,
+    model: CoCa,
+    loss_config: ml_collections.ConfigDict,
+    microbatches: int = 1,
+    batch_axes: tuple[str, ...] = (),
+) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+    """(loss, aux metrics, gradients) of the weighted CoCa loss on a global batch.
+
+    With `microbatches` > 1 the batch is processed in that many slices, holding
+    the activations of one slice at a time, and the result equals the one-batch
+    computation: the embeddings of the whole batch are computed first (no
+    gradient, as open_clip's accumulation does), then each slice is recomputed
+    with gradient and its fresh embeddings replace their cached copies, so every
+    slice's contrastive loss sees all the batch's negatives. The caption loss is
+    a sum over tokens divided by the whole batch's token count.
+
+    `batch_axes`: the mesh axes the batch is split over (under the current mesh).
+    The contrastive loss then runs sharded (mmjax.sharded_losses: a ring for
+    sigmoid, local logits for softmax), never holding B x B logits on a device.
+    """
+    images, tokens = batch["images"], batch["tokens"]
+    caption_weight = loss_config.caption_weight
+    contrastive_weight = loss_config.contrastive_weight
+    with_captioning = caption_weight > 0
+    num_tokens = jnp.maximum(jnp.sum(tokens[:, 1:] != PAD_ID), 1).astype(jnp.float32)
+
+    def weighted_loss(params, images, tokens, embeddings=None):
+        """The loss given the pairs' embeddings (None: this batch's own)."""
+        out = model.apply({"params": params}, images, tokens, with_captioning=with_captioning)
+        image_emb, text_emb, scale, bias = (
+            out["image_emb"],
+            out["text_emb"],
+            out["scale"],
+            out["bias"],
+        )
+        if embeddings is not None:
+            image_emb, text_emb, scale, bias = embeddings(image_emb, text_emb, scale, bias)
+        con = sharded_contrastive_loss(
+            loss_config.contrastive, image_emb, text_emb, scale, bias, batch_axes=batch_axes
+        )
+        if with_captioning:
+            mean, count = caption_loss(out["logits"], tokens[:, 1:], PAD_ID)
+            cap = mean * count.astype(jnp.float32) / num_tokens
+        else:  # CLIP-only ablation: the decoder is not run at all.
+            cap = jnp.zeros((), jnp.float32)
+        loss = contrastive_weight * con + caption_weight * cap
+        return loss, dict(
+            contrastive_loss=con, caption_loss=cap, temperature=1.0 / scale, logit_bias=bias
+        )
+
+    grad_fn = jax.value_and_grad(weighted_loss, has_aux=True)
+    if microbatches == 1:
+        (loss, aux), grads = grad_fn(params, images, tokens)
+        return loss, aux, grads
+
+    batch_size = images.shape[0]
+    if batch_size % microbatches:
+        raise ValueError(f"batch {batch_size} is not divisible by {microbatches} micro-batches")
+
+    def split(x):
+        # Slice m is rows m, m+M, m+2M, ...: every device keeps an equal share of
+        # every slice (the batch dim is sharded in contiguous blocks).
+        return x.reshape(batch_size // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
+
+    def merge(x):  # [M, B/M, ...] -> [B, ...] in the original row order.
+        return x.swapaxes(0, 1).reshape(batch_size, *x.shape[2:])
+
+    def embed(slice_):
+        slice_images, slice_tokens = slice_
+        image_emb, _ = model.apply({"params": params}, slice_images, method=CoCa.encode_image)
+        text_emb, _ = model.apply({"params": params}, slice_tokens, method=CoCa.encode_text)
+        return image_emb, text_emb
+
+    slices = (split(images), split(tokens))
+    cached_images, cached_texts = jax.lax.stop_gradient(jax.lax.map(embed, slices))
+
+    def accumulate(grads, xs):
+        m, slice_images, slice_tokens = xs
+
+        def embeddings(image_emb, text_emb, scale, bias):
+            # The temperature and bias enter every slice's loss: only slice 0
+            # passes their gradient, so it is counted once.
+            first = m == 0
+            scale = jnp.where(first, scale, jax.lax.stop_gradient(scale))
+            bias = jnp.where(first, bias, jax.lax.stop_gradient(bias))
+            image_all = merge(cached_images.at[m].set(image_emb.astype(cached_images.dtype)))
+            text_all = merge(cached_texts.at[m].set(text_emb.astype(cached_texts.dtype)))
+            return image_all, text_all, scale, bias
+
+        (loss, aux), slice_grads = grad_fn(params, slice_images, slice_tokens, embeddings)
+        grads = jax.tree.map(jnp.add, grads, slice_grads)
+        return grads, (loss, aux)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, (losses, auxes) = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), *slices))
+    # Every slice saw the same contrastive loss; caption losses are shares of the total.
+    con = auxes["contrastive_loss"][0]
+    cap = jnp.sum(auxes["caption_loss"])
+    aux = dict(
+        contrastive_loss=con,
+        caption_loss=cap,
+        temperature=auxes["temperature"][0],
+        logit_bias=auxes["logit_bias"][0],
+    )
+    return contrastive_weight * con + caption_weight * cap, aux, grads
 
 
 def train_step(
@@ -58,31 +176,29 @@ def train_step(
     tx: optax.GradientTransformation,
     loss_config: ml_collections.ConfigDict,
     schedule: optax.Schedule,
+    microbatches: int = 1,
+    batch_axes: tuple[str, ...] = (),
+    offload: tuple[Any, Any] | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on a global batch. Pure: no side effects, no host sync."""
-    images, tokens = batch["images"], batch["tokens"]
-    caption_weight = loss_config.caption_weight
-    contrastive_weight = loss_config.contrastive_weight
+    """One optimizer step on a global batch. Pure: no side effects, no host sync.
 
-    def loss_fn(params):
-        out = model.apply({"params": params}, images, tokens, with_captioning=caption_weight > 0)
-        con = contrastive_loss(
-            loss_config.contrastive, out["image_emb"], out["text_emb"], out["scale"], out["bias"]
-        )
-        if caption_weight > 0:
-            cap, _ = caption_loss(out["logits"], tokens[:, 1:], PAD_ID)
-        else:  # CLIP-only ablation: the decoder is not run at all.
-            cap = jnp.zeros((), jnp.float32)
-        loss = contrastive_weight * con + caption_weight * cap
-        return loss, dict(
-            contrastive_loss=con,
-            caption_loss=cap,
-            temperature=1.0 / out["scale"],
-            logit_bias=out["bias"],
-        )
-
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    `offload`: (device, host) shardings of the optimizer state when it lives in
+    host memory between steps (optimizer.offload_state).
+    """
+    loss, aux, grads = loss_and_grads(
+        state.params,
+        batch,
+        model=model,
+        loss_config=loss_config,
+        microbatches=microbatches,
+        batch_axes=batch_axes,
+    )
+    opt_state = state.opt_state
+    if offload is not None:
+        opt_state = jax.device_put(opt_state, offload[0])
+    updates, opt_state = tx.update(grads, opt_state, state.params)
+    if offload is not None:
+        opt_state = jax.device_put(opt_state, offload[1])
     params = optax.apply_updates(state.params, updates)
     metrics = dict(
         loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step), **aux
@@ -96,16 +212,34 @@ def train_step(
     return new_state, metrics
 
 
-def check_devices(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
-    """Mesh and batch checks that need the device count; raise ConfigError."""
+def check_devices(
+    config: ml_collections.ConfigDict,
+    num_devices: int,
+    granules: tuple[str, int] | None = None,
+) -> tuple[int, ...]:
+    """Mesh, rules and batch checks that need the devices; raise ConfigError.
+
+    `granules` is (kind, count) of the units the DCN mesh axes span (TPU slices,
+    else processes); by default read from `jax.devices()`.
+    """
+    kind, count = granules if granules is not None else shd.granules(jax.devices())
     try:
-        shape = shd.resolve_mesh_shape(dict(config.mesh), num_devices)
+        layout = shd.resolve_mesh(dict(config.mesh), num_devices, count, kind)
+        rules = shd.rules_from_config(config.sharding_rules)
     except shd.MeshError as e:
         raise ConfigError(str(e)) from None
-    sizes = dict(zip(shd.MESH_AXES, shape))
-    rules = shd.rules_from_config(config.sharding_rules)
+    sizes = dict(zip(shd.MESH_AXES, layout.shape))
     data_parallel = shd.data_parallel_size(sizes, rules)
-    split = " x ".join(f"mesh.{a}={sizes[a]}" for a in shd.batch_mesh_axes(rules)) or "no axis"
+    dcn = dict(zip(shd.MESH_AXES, layout.dcn))
+    split = (
+        " x ".join(
+            f"mesh.dcn_{a}={dcn[a]} x mesh.{a}={sizes[a] // dcn[a]}"
+            if dcn[a] > 1
+            else f"mesh.{a}={sizes[a]}"
+            for a in shd.batch_mesh_axes(rules)
+        )
+        or "no axis"
+    )
     for key, value in (
         ("batch_size", config.batch_size),
         ("eval.batch_size", config.eval.batch_size),
@@ -119,7 +253,7 @@ def check_devices(config: ml_collections.ConfigDict, num_devices: int) -> tuple[
             raise ConfigError(
                 f"{key}={value} is not divisible by the {jax.process_count()} processes"
             )
-    return shape
+    return layout.shape
 
 
 def batch_shardings(mesh, rules) -> dict[str, Any]:
@@ -127,6 +261,14 @@ def batch_shardings(mesh, rules) -> dict[str, Any]:
         "images": shd.batch_sharding(mesh, rules, 4),
         "tokens": shd.batch_sharding(mesh, rules, 2),
     }
+
+
+def _offload_shardings(state_shardings) -> tuple[Any, Any] | None:
+    """(device, host) shardings of the optimizer state if it is kept in host memory."""
+    host = state_shardings.opt_state
+    if not any(s.memory_kind == HOST_MEMORY for s in jax.tree.leaves(host)):
+        return None
+    return jax.tree.map(lambda s: s.with_memory_kind("device"), host), host
 
 
 def compile_train_step(config, model: CoCa, tx, mesh, rules, abstract_state, state_shardings):
@@ -140,6 +282,9 @@ def compile_train_step(config, model: CoCa, tx, mesh, rules, abstract_state, sta
         tx=tx,
         loss_config=config.loss,
         schedule=learning_rate_schedule(config),
+        microbatches=config.train.microbatches,
+        batch_axes=shd.batch_mesh_axes(rules),
+        offload=_offload_shardings(state_shardings),
     )
     in_batch = batch_shardings(mesh, rules)
     jitted = jax.jit(
@@ -195,9 +340,13 @@ class Trainer:
         self.data_stats = DataStats([source.name for source in self.train_sources])
         self.tokenizer = self._tokenizer(for_eval)
         self.tx = make_optimizer(config)
-        self.abstract_state, self.state_shardings = state_shardings(
-            self.model, self.tx, self.mesh, self.rules
-        )
+        self.offload = bool(config.optimizer.get("offload_state", False))
+        try:
+            self.abstract_state, self.state_shardings = state_shardings(
+                self.model, self.tx, self.mesh, self.rules, offload_opt_state=self.offload
+            )
+        except ValueError as e:  # No host memory space on this backend.
+            raise ConfigError(str(e)) from None
         self.checkpointer = Checkpointer(
             self.workdir / "checkpoints", max_to_keep=config.keep_checkpoints
         )
@@ -277,7 +426,9 @@ class Trainer:
             self.restore(latest)
             self._log(f"resumed from {self.checkpointer.directory}/{latest}")
         else:
-            self.state = create_train_state(self.model, self.tx, self.mesh, self.rules, cfg.seed)
+            self.state = create_train_state(
+                self.model, self.tx, self.mesh, self.rules, cfg.seed, offload_opt_state=self.offload
+            )
         start_step = int(jax.device_get(self.state.step))
 
         t0 = time.perf_counter()
@@ -375,21 +526,22 @@ class Trainer:
                 if do_eval:
                     last_eval = self.evaluator.run(self.state.params)
                     writer.write(step, last_eval)
-                    bar.write(
-                        f"step {step}: "
-                        + ", ".join(
-                            f"{k[5:]}={v:.3f}"
-                            for k, v in last_eval.items()
-                            if k
-                            in (
-                                "eval/i2t_r1",
-                                "eval/t2i_r1",
-                                "eval/i2t_r1_samecap",
-                                "eval/caption_exact",
-                                "eval/caption_bleu4",
+                    if self.is_chief:  # A disabled bar still writes.
+                        bar.write(
+                            f"step {step}: "
+                            + ", ".join(
+                                f"{k[5:]}={v:.3f}"
+                                for k, v in last_eval.items()
+                                if k
+                                in (
+                                    "eval/i2t_r1",
+                                    "eval/t2i_r1",
+                                    "eval/i2t_r1_samecap",
+                                    "eval/caption_exact",
+                                    "eval/caption_bleu4",
+                                )
                             )
                         )
-                    )
                 window_start, window_steps = time.perf_counter(), 0  # Exclude eval/ckpt time.
         except (TrainingDiverged, DataError):
             self.checkpointer.wait()  # Let saves of earlier, good states complete.
@@ -450,9 +602,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args, overrides = parse_args(argv)
+        distributed.initialize()  # Before anything touches the devices.
         config = load_config(args.config, overrides)
         trainer = Trainer(config, args.workdir)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, distributed.DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
@@ -465,11 +618,12 @@ def main(argv: list[str] | None = None) -> int:
         return 4
     finally:
         trainer.close()
-    print(
-        f"[mmjax] done: metrics in {Path(args.workdir) / 'metrics.jsonl'}, checkpoints in "
-        f"{Path(args.workdir) / 'checkpoints'}, TensorBoard logs in "
-        f"{Path(args.workdir) / 'tensorboard'}"
-    )
+    if trainer.is_chief:
+        print(
+            f"[mmjax] done: metrics in {Path(args.workdir) / 'metrics.jsonl'}, checkpoints in "
+            f"{Path(args.workdir) / 'checkpoints'}, TensorBoard logs in "
+            f"{Path(args.workdir) / 'tensorboard'}"
+        )
     return 0
 
 

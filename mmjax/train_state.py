@@ -51,20 +51,47 @@ def _init_boxed(model: CoCa, tx: optax.GradientTransformation, init_key, train_k
     )
 
 
-def state_shardings(model: CoCa, tx, mesh, rules) -> tuple[TrainState, TrainState]:
-    """(abstract unboxed state, NamedShardings) for `model` under `mesh`/`rules`."""
+HOST_MEMORY = "pinned_host"
+
+
+def supports_offload(mesh) -> bool:
+    """Whether the mesh's devices have a host memory space that jit can place arrays in."""
+    device = mesh.devices.flat[0]
+    return any(memory.kind == HOST_MEMORY for memory in device.addressable_memories())
+
+
+def state_shardings(
+    model: CoCa, tx, mesh, rules, *, offload_opt_state: bool = False
+) -> tuple[TrainState, TrainState]:
+    """(abstract unboxed state, NamedShardings) for `model` under `mesh`/`rules`.
+
+    With `offload_opt_state` the optimizer state lives in host memory (same
+    partitioning, memory kind pinned_host); the train step brings it to the
+    device for the update and sends it back.
+    """
+    if offload_opt_state and not supports_offload(mesh):
+        kinds = [m.kind for m in mesh.devices.flat[0].addressable_memories()]
+        raise ValueError(
+            f"optimizer.offload_state needs {HOST_MEMORY!r} memory; this backend has {kinds}"
+        )
     keys = split_seed(0)
     boxed = jax.eval_shape(lambda: _init_boxed(model, tx, keys["init"], keys["train"]))
     shardings = shd.logical_shardings(boxed, mesh, rules)
+    if offload_opt_state:
+        shardings = shardings.replace(
+            opt_state=jax.tree.map(lambda s: s.with_memory_kind(HOST_MEMORY), shardings.opt_state)
+        )
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings
     )
     return abstract, shardings
 
 
-def create_train_state(model: CoCa, tx, mesh, rules, seed: int) -> TrainState:
+def create_train_state(
+    model: CoCa, tx, mesh, rules, seed: int, *, offload_opt_state: bool = False
+) -> TrainState:
     keys = split_seed(seed)
-    _, shardings = state_shardings(model, tx, mesh, rules)
+    _, shardings = state_shardings(model, tx, mesh, rules, offload_opt_state=offload_opt_state)
     init = jax.jit(lambda k1, k2: nn.unbox(_init_boxed(model, tx, k1, k2)), out_shardings=shardings)
     with shd.activate(mesh, rules):
         return init(keys["init"], keys["train"])

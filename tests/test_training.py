@@ -136,6 +136,9 @@ def train(workdir, cache_dir, *extra, config="coca", steps=STEPS, devices=1, che
 JOBS = {
     "straight": dict(),  # 8 steps on 1 device in one go.
     "eight": dict(extra=MESH_8, devices=8),
+    # Gradient accumulation and the ring sigmoid loss on the 8-device mesh.
+    "eight_micro": dict(extra=[*MESH_8, "--config.train.microbatches=4"], devices=8),
+    "siglip_eight": dict(config="siglip", steps=3, extra=MESH_8, devices=8),
     "half": dict(steps=STEPS // 2),  # Resumed to 8 steps by the resume test.
     "nan": dict(
         extra=["--config.optimizer.learning_rate=1e30", "--config.checkpoint_every=1"], check=False
@@ -147,6 +150,12 @@ JOBS = {
 # Which runs each test reads.
 NEEDS = {
     "test_one_vs_eight_devices_same_losses": ("straight", "eight"),
+    "test_sharded_losses_and_microbatches_match_one_device": (
+        "straight",
+        "eight_micro",
+        "siglip",
+        "siglip_eight",
+    ),
     "test_resume_reproduces_uninterrupted_run_exactly": ("straight", "half"),
     "test_nan_loss_stops_run_and_keeps_last_checkpoint": ("nan",),
     "test_evaluate_cli_and_metrics_file": ("straight",),
@@ -344,6 +353,29 @@ def test_one_vs_eight_devices_same_losses(runs):
                 a[key],
                 b[key],
             )
+
+
+def test_sharded_losses_and_microbatches_match_one_device(runs):
+    """On 8 devices the contrastive loss runs sharded (local softmax; the sigmoid as a ring
+    of ppermutes) and, with train.microbatches=4, the gradient is accumulated over 4 slices
+    that each see the whole batch's negatives: the losses still follow the 1-device run.
+    Accumulation adds the gradient in another order, so the tolerance is 1e-4 (a slice
+    that lost its negatives, or a caption loss averaged per slice, moves them by >1e-2)."""
+    pairs = (("straight", "eight_micro"), ("siglip", "siglip_eight"))
+    for single_name, sharded_name in pairs:
+        single_dir, _ = runs.get(single_name)
+        sharded_dir, _ = runs.get(sharded_name)
+        single, sharded = train_lines(single_dir), train_lines(sharded_dir)
+        assert [r["step"] for r in single] == [r["step"] for r in sharded]
+        for a, b in zip(single, sharded):
+            for key in LOSS_KEYS:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (
+                    sharded_name,
+                    a["step"],
+                    key,
+                    a[key],
+                    b[key],
+                )
 
 
 def test_resume_reproduces_uninterrupted_run_exactly(runs, cache_dir):

@@ -14,7 +14,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# What the backward pass may keep from the forward pass of each layer (jax.checkpoint):
+# none = everything (no remat), minimal = matmul outputs without a batch dim (weights-like),
+# dots-saveable = every matmul output, full = nothing (recompute the whole layer).
+REMAT_POLICIES = ("none", "minimal", "dots-saveable", "full")
+TOWERS = ("vision", "text", "decoder")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -41,7 +45,10 @@ class ModelConfig:
     dtype: str = "float32"  # Compute dtype ('bfloat16' on accelerators).
     param_dtype: str = "float32"
     scan_layers: bool = True
-    remat: str = "none"
+    remat: str = "none"  # For every tower, unless overridden below.
+    remat_vision: str = ""  # '' = model.remat
+    remat_text: str = ""
+    remat_decoder: str = ""
     # Contrastive head initialisation (CLIP: log(1/0.07), 0; SigLIP: log 10, -10).
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float = 0.0
@@ -71,6 +78,10 @@ class ModelConfig:
                 kwargs[key] = tuple(float(x) for x in kwargs[key])
         return cls(**kwargs)
 
+    def remat_for(self, tower: str) -> str:
+        """The remat policy of one tower ('vision', 'text' or 'decoder')."""
+        return getattr(self, f"remat_{tower}") or self.remat
+
     def validate(self) -> None:
         """Raises ValueError naming the first inconsistent field."""
         if self.dtype not in DTYPES:
@@ -79,8 +90,10 @@ class ModelConfig:
             raise ValueError(
                 f"model.param_dtype={self.param_dtype!r} is unknown; allowed: {DTYPES}"
             )
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat={self.remat!r} is unknown; allowed: {REMAT_POLICIES}")
+        for key in ("remat", *(f"remat_{tower}" for tower in TOWERS)):
+            value = getattr(self, key)
+            if value not in REMAT_POLICIES and not (key != "remat" and value == ""):
+                raise ValueError(f"model.{key}={value!r} is unknown; allowed: {REMAT_POLICIES}")
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"model.image_size={self.image_size} is not divisible by "

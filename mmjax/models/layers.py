@@ -227,10 +227,10 @@ class DecoderBlock(nn.Module):
         return x, None
 
 
-_POLICIES: dict[str, Any] = {
+_POLICIES: dict[str, Any] = {  # Names: mmjax.models.config.REMAT_POLICIES.
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots-saveable": jax.checkpoint_policies.checkpoint_dots,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -245,14 +245,15 @@ class Stack(nn.Module):
     block: type[nn.Module]
     num_layers: int
     block_kwargs: dict = None
+    remat: str = "none"  # A REMAT_POLICIES name.
 
     @nn.compact
     def __call__(self, x: Array, *broadcast_args) -> Array:
         block = self.block
         kwargs = dict(self.block_kwargs or {})
-        if self.cfg.remat != "none":
+        if self.remat != "none":
             block = nn.remat(
-                block, policy=_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers
+                block, policy=_POLICIES[self.remat], prevent_cse=not self.cfg.scan_layers
             )
         if self.cfg.scan_layers:
             scanned = nn.scan(

@@ -91,6 +91,7 @@ class TextEncoder(nn.Module):
             EncoderBlock,
             cfg.text_layers,
             dict(num_heads=cfg.text_heads, mlp_dim=cfg.text_mlp_dim, decode=self.decode),
+            remat=cfg.remat_for("text"),
             name="blocks",
         )(x, mask)
         if self.decode:
@@ -117,6 +118,7 @@ class MultimodalDecoder(nn.Module):
             DecoderBlock,
             cfg.decoder_layers,
             dict(num_heads=cfg.text_heads, mlp_dim=cfg.text_mlp_dim, decode=self.decode),
+            remat=cfg.remat_for("decoder"),
             name="blocks",
         )(text_features, mask, image_tokens)
         x = LayerNorm(cfg, name="ln_final")(x)

@@ -91,6 +91,7 @@ class ImageEncoder(nn.Module):
             EncoderBlock,
             cfg.vit_layers,
             dict(num_heads=cfg.vit_heads, mlp_dim=cfg.vit_mlp_dim),
+            remat=cfg.remat_for("vision"),
             name="blocks",
         )(x, None)
         x = LayerNorm(cfg, name="ln_final")(x)
