@@ -36,10 +36,17 @@ def get_config(arg=None):
     config.eval_every = 500
     config.checkpoint_every = 500
     config.keep_checkpoints = 3
+    # Resuming (a checkpoint exists) with a config that differs from WORKDIR/config.json is
+    # refused unless this is True (mesh, speed and cadence keys may always change; see
+    # mmjax/run_record.py RESUMABLE_KEYS).
+    config.allow_config_change = False
     config.train = ml_collections.ConfigDict()
     # Gradient accumulation: the global batch is processed in this many slices (less
     # activation memory, same gradient; each slice still sees the whole batch's negatives).
     config.train.microbatches = 1
+    # NaN/Inf loss or gradients: 'halt' stops the run (last good checkpoint kept);
+    # 'skip' keeps the old weights for that step, counts it (nan_skipped_steps) and goes on.
+    config.train.on_nan = "halt"
 
     config.model = ml_collections.ConfigDict(model_size(arg.size))
     config.model.dtype = "float32"  # 'bfloat16' on accelerators.

@@ -15,9 +15,11 @@
 # MMJAX_NUM_PROCESSES=N, MMJAX_PROCESS_ID=i, JAX_PLATFORMS=cpu and
 # XLA_FLAGS="$XLA_FLAGS --xla_force_host_platform_device_count=DEVICES_PER_PROCESS".
 # Every line a process prints is prefixed with [p<i>] (stdout and stderr kept apart).
-# The launcher waits for all; when one fails it stops the others and exits with that
+# The launcher waits for all; when one fails it kills the others and exits with that
 # first non-zero exit code (MMJAX_INIT_TIMEOUT bounds how long processes wait for each
-# other at start-up). Example (8 devices as 2 processes x 4):
+# other at start-up). SIGINT (Ctrl-C) and SIGTERM are passed on to every process, and the
+# launcher still waits: mmjax.train saves a checkpoint at a step all agree on and exits 0.
+# Example (8 devices as 2 processes x 4):
 #
 #   bash launch/multiprocess.sh 2 4 -- .venv/bin/python -m mmjax.train \
 #       --config configs/coca.py:size=tiny --workdir runs/tiny_2proc \
@@ -73,22 +75,29 @@ set -m  # Each process (and its prefixing pipes) in its own process group, to st
 pids=()
 for ((i = 0; i < num; i++)); do
   (
+    # A forwarded SIGINT/SIGTERM is for the command (mmjax.train saves and exits 0): this
+    # shell waits for it, and the prefixers ignore the signal so its last lines get out.
+    trap true INT TERM
     export MMJAX_COORDINATOR="localhost:$port" MMJAX_NUM_PROCESSES="$num" MMJAX_PROCESS_ID="$i"
     export JAX_PLATFORMS=cpu XLA_FLAGS="$xla_flags" PYTHONUNBUFFERED=1
-    "$@" 2> >(sed -u "s/^/[p$i] /" >&2) | sed -u "s/^/[p$i] /"
+    "$@" 2> >(trap '' INT TERM; exec sed -u "s/^/[p$i] /" >&2) \
+      | (trap '' INT TERM; exec sed -u "s/^/[p$i] /")
     exit "${PIPESTATUS[0]}"
   ) &
   pids+=($!)
 done
 set +m
 
-stop_all() {
+signal_all() {
   for pid in "${pids[@]}"; do
-    kill -TERM -- "-$pid" 2>/dev/null || true
+    kill "-$1" -- "-$pid" 2>/dev/null || true
   done
 }
-trap 'stop_all; exit 130' INT
-trap 'stop_all; exit 143' TERM
+# Ctrl-C / SIGTERM (preemption) go to every process, and the job ends when they do: mmjax.train
+# processes agree on a step, save it and exit 0. After a failure the rest cannot finish a
+# collective save, so they are killed (the last committed checkpoint stays usable).
+trap 'signal_all INT' INT
+trap 'signal_all TERM' TERM
 
 status=0
 remaining=("${pids[@]}")
@@ -104,7 +113,7 @@ while [ ${#remaining[@]} -gt 0 ]; do
     if [ "$code" -ne 0 ] && [ "$status" -eq 0 ]; then
       status=$code
       echo "[multiprocess] a process exited with code $code; stopping the others" >&2
-      stop_all
+      signal_all KILL
     fi
   done
   remaining=("${still[@]+"${still[@]}"}")

@@ -21,6 +21,7 @@ import ml_collections
 from mmjax.models.config import SIZES, ModelConfig
 
 CONTRASTIVE_LOSSES = ("softmax", "sigmoid")
+ON_NAN = ("halt", "skip")
 _SPEC_KEYS = ("data.train", "data.eval")  # data source specs, see mmjax.data.sources
 
 
@@ -170,6 +171,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("batch_size", "total_steps", "log_every", "eval_every", "checkpoint_every"):
         if config[key] < 1:
             raise ConfigError(f"{key}={config[key]} must be >= 1")
+    if not isinstance(config.get("allow_config_change", False), bool):
+        raise ConfigError(
+            f"allow_config_change={config.allow_config_change!r} must be True or False"
+        )
+    if config.train.on_nan not in ON_NAN:
+        raise ConfigError(
+            f"train.on_nan={config.train.on_nan!r} is unknown; allowed: {list(ON_NAN)}"
+        )
     if config.train.microbatches < 1 or config.batch_size % config.train.microbatches:
         raise ConfigError(
             f"train.microbatches={config.train.microbatches} must be >= 1 and divide "

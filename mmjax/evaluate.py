@@ -129,9 +129,17 @@ class Evaluator:
         keep = index >= 0  # Padding rows and bad samples carry index -1.
         index = index[keep]
         references = [decode_caption(self.source.caption(int(i))) for i in index]
-        metrics = retrieval_metrics(
-            np.concatenate(image_embs)[keep], np.concatenate(text_embs)[keep], captions=references
-        )
+        image_emb = np.concatenate(image_embs)[keep]
+        text_emb = np.concatenate(text_embs)[keep]
+        if np.all(np.isfinite(image_emb)) and np.all(np.isfinite(text_emb)):
+            metrics = retrieval_metrics(image_emb, text_emb, captions=references)
+        else:  # Diverged weights (train.on_nan='skip' keeps going): report, do not crash.
+            if jax.process_index() == 0:
+                print("[mmjax] eval: embeddings are not finite; retrieval metrics are NaN")
+            probe = retrieval_metrics(
+                np.eye(2, 2, dtype=np.float32), np.eye(2, 2, dtype=np.float32)
+            )
+            metrics = {key: float("nan") for key in probe}
         generated = np.concatenate(predictions)[keep[: sum(len(p) for p in predictions)]]
         generated = generated[:want_captions]
         texts = self.tokenizer.decode_batch(generated)
@@ -148,6 +156,7 @@ class Evaluator:
 
 
 def main(argv=None) -> int:
+    from mmjax.checkpoint import CheckpointError
     from mmjax.config_loading import apply_override, from_json_file, split_config_flags
     from mmjax.train import Trainer  # Same restore path as training.
 
@@ -180,7 +189,7 @@ def main(argv=None) -> int:
             apply_override(config, key, value)
         trainer = Trainer(config, workdir, for_eval=True)
         step = trainer.restore(args.step)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     metrics = trainer.evaluator.run(trainer.state.params)

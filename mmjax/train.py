@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -26,9 +27,9 @@ import optax
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from mmjax import distributed
+from mmjax import distributed, run_record
 from mmjax import sharding as shd
-from mmjax.checkpoint import Checkpointer
+from mmjax.checkpoint import Checkpointer, CheckpointError
 from mmjax.config_loading import ConfigError, load_config, split_config_flags, to_json
 from mmjax.data.pipeline import train_batches
 from mmjax.data.preprocess import ImageOptions
@@ -41,6 +42,7 @@ from mmjax.metric_writer import MetricWriter
 from mmjax.models.coca import CoCa
 from mmjax.models.config import ModelConfig
 from mmjax.optimizer import learning_rate_schedule, make_optimizer
+from mmjax.preemption import StopRequests
 from mmjax.sharded_losses import sharded_contrastive_loss
 from mmjax.tokenizer import Tokenizer, load_or_train_tokenizer, read_captions
 from mmjax.train_state import (
@@ -179,11 +181,15 @@ def train_step(
     microbatches: int = 1,
     batch_axes: tuple[str, ...] = (),
     offload: tuple[Any, Any] | None = None,
+    skip_nonfinite: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a global batch. Pure: no side effects, no host sync.
 
     `offload`: (device, host) shardings of the optimizer state when it lives in
-    host memory between steps (optimizer.offload_state).
+    host memory between steps (optimizer.offload_state). `skip_nonfinite`
+    (train.on_nan='skip'): a step whose loss or gradient norm is NaN/Inf keeps
+    the old parameters and optimizer state (the step counter and data position
+    still advance) and reports skipped_update=1.
     """
     loss, aux, grads = loss_and_grads(
         state.params,
@@ -193,16 +199,20 @@ def train_step(
         microbatches=microbatches,
         batch_axes=batch_axes,
     )
-    opt_state = state.opt_state
+    old_opt_state = state.opt_state
     if offload is not None:
-        opt_state = jax.device_put(opt_state, offload[0])
-    updates, opt_state = tx.update(grads, opt_state, state.params)
+        old_opt_state = jax.device_put(old_opt_state, offload[0])
+    updates, opt_state = tx.update(grads, old_opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    metrics = dict(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step), **aux)
+    if skip_nonfinite:
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params = jax.tree.map(lambda n, o: jnp.where(finite, n, o), params, state.params)
+        opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), opt_state, old_opt_state)
+        metrics["skipped_update"] = 1.0 - finite.astype(jnp.float32)
     if offload is not None:
         opt_state = jax.device_put(opt_state, offload[1])
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(
-        loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step), **aux
-    )
     new_state = state.replace(
         step=state.step + 1,
         params=params,
@@ -285,6 +295,7 @@ def compile_train_step(config, model: CoCa, tx, mesh, rules, abstract_state, sta
         microbatches=config.train.microbatches,
         batch_axes=shd.batch_mesh_axes(rules),
         offload=_offload_shardings(state_shardings),
+        skip_nonfinite=config.train.on_nan == "skip",
     )
     in_batch = batch_shardings(mesh, rules)
     jitted = jax.jit(
@@ -306,6 +317,12 @@ def compile_train_step(config, model: CoCa, tx, mesh, rules, abstract_state, sta
     }
     with shd.activate(mesh, rules):
         return jitted.lower(abstract_state, abstract_batch).compile()
+
+
+def _finite_mean(values: list[float]) -> float:
+    """Mean over the finite values (skipped NaN steps must not poison a log window)."""
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
 
 
 class Trainer:
@@ -354,6 +371,9 @@ class Trainer:
             config, self.model, self.mesh, self.rules, self.tokenizer, workdir=self.workdir
         )
         self.state: TrainState | None = None
+        self.skipped_checkpoints: list[int] = []  # Unreadable ones newer than the restored one.
+        self.preempted_at: int | None = None  # The step fit() stopped at on SIGTERM/SIGINT.
+        self.nan_skipped_steps = 0  # train.on_nan='skip': updates skipped so far.
 
     def _tokenizer(self, for_eval: bool) -> Tokenizer:
         path = Path(self.config.data.tokenizer or self.workdir / "tokenizer.model")
@@ -377,12 +397,20 @@ class Trainer:
         return tok
 
     def restore(self, step: int | None = None) -> int:
-        """Restores `step` (default: latest) onto this mesh; returns the step."""
-        step = self.checkpointer.latest_step() if step is None else step
+        """Restores `step` (default: the newest readable) onto this mesh; returns the step.
+
+        Unreadable newer checkpoints are reported in one line each and listed in
+        `skipped_checkpoints`; raises CheckpointError when none is readable.
+        """
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.checkpointer.directory}")
-        self.state = self.checkpointer.restore(step, self.abstract_state)
-        saved = self.checkpointer.restore_meta(step).get("data_counts")
+            step, self.state, meta, self.skipped_checkpoints = self.checkpointer.restore_latest(
+                self.abstract_state, warn=self._log
+            )
+        else:
+            self.state = self.checkpointer.restore(step, self.abstract_state)
+            meta = self.checkpointer.restore_meta(step)
+        self.nan_skipped_steps = int(meta.get("nan_skipped_steps", 0))
+        saved = meta.get("data_counts")
         # The counters are global sums: kept on process 0 so that sums stay right.
         if saved is not None and self.is_chief:
             try:
@@ -417,13 +445,35 @@ class Trainer:
         }
 
     def fit(self) -> dict[str, float]:
+        """Trains to config.total_steps, resuming from the newest readable checkpoint.
+
+        SIGTERM or SIGINT stops the run at the end of a step (the same step on
+        every process) with a checkpoint of it: `preempted_at` is then that step.
+        """
+        latest = self.checkpointer.latest_step()
+        with StopRequests(
+            self.checkpointer.reached_preemption, first_step=latest or 0, verbose=self.is_chief
+        ) as stop:
+            return self._fit(stop)
+
+    def _fit(self, stop: StopRequests) -> dict[str, float]:
         cfg = self.config
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # Workdir lock, config vs config.json on resume, runs.jsonl: mmjax/run_record.py.
+        run_record.start(
+            self.workdir, cfg, self.mesh, checkpoint_step=self.checkpointer.latest_step()
+        )
         if self.is_chief:
             (self.workdir / "config.json").write_text(to_json(cfg))
+        # Tmp directories of saves a killed run never committed (safe under the workdir lock).
+        for name in self.checkpointer.remove_incomplete():
+            self._log(f"removed the unfinished save {self.checkpointer.directory}/{name}")
         latest = self.checkpointer.latest_step()
         if latest is not None:
-            self.restore(latest)
+            latest = self.restore()
+            for bad in self.skipped_checkpoints:  # Out of the way: this run saves them again.
+                moved = self.checkpointer.set_aside(bad)
+                self._log(f"moved the unreadable checkpoint {bad} to {moved}")
             self._log(f"resumed from {self.checkpointer.directory}/{latest}")
         else:
             self.state = create_train_state(
@@ -479,8 +529,11 @@ class Trainer:
         pending = None  # (step, device metrics) of the step before, read one step late.
         window_start, window_steps = time.perf_counter(), 0
         last_eval: dict[str, float] = {}
+        end = cfg.total_steps
+        if start_step < end and stop.should_stop(start_step):  # Signalled while starting up.
+            self.preempted_at = end = start_step
         try:
-            for step in range(start_step + 1, cfg.total_steps + 1):
+            for step in range(start_step + 1, end + 1):
                 batch = next(batches)
                 self.data_stats.add(batch.pop("counts"))
                 batch = self._to_device(batch)
@@ -490,10 +543,12 @@ class Trainer:
                 pending = (step, metrics)
                 window_steps += 1
                 bar.update(1)
-                boundary = step == cfg.total_steps
+                stopping = stop.should_stop(step) and step < cfg.total_steps
+                boundary = step == cfg.total_steps or stopping
                 do_log = step % cfg.log_every == 0 or boundary
                 do_ckpt = step % cfg.checkpoint_every == 0 or boundary
-                do_eval = step % cfg.eval_every == 0 or boundary
+                # A preempted run saves first and skips the evaluation (its grace time is short).
+                do_eval = (step % cfg.eval_every == 0 or boundary) and not stopping
                 if not (do_log or do_ckpt or do_eval):
                     continue
                 window.append(self._checked(*pending))  # Never save a state whose loss is NaN.
@@ -504,7 +559,9 @@ class Trainer:
                 )
                 if do_log:
                     elapsed = time.perf_counter() - window_start
-                    summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+                    summary = {k: _finite_mean([m[k] for m in window]) for k in window[0]}
+                    if cfg.train.on_nan == "skip":
+                        summary["nan_skipped_steps"] = float(self.nan_skipped_steps)
                     summary["examples_per_sec"] = window_steps * cfg.batch_size / elapsed
                     summary["step_seconds"] = elapsed / window_steps
                     summary["mfu"] = flops_per_step * window_steps / elapsed / peak
@@ -521,7 +578,10 @@ class Trainer:
                         step,
                         self.state,
                         batch_size=cfg.batch_size,
-                        extra_meta={"data_counts": self.data_stats.to_json(data_counts)},
+                        extra_meta={
+                            "data_counts": self.data_stats.to_json(data_counts),
+                            "nan_skipped_steps": self.nan_skipped_steps,
+                        },
                     )
                 if do_eval:
                     last_eval = self.evaluator.run(self.state.params)
@@ -543,13 +603,16 @@ class Trainer:
                             )
                         )
                 window_start, window_steps = time.perf_counter(), 0  # Exclude eval/ckpt time.
+                if stopping:
+                    self.preempted_at = step
+                    break
         except (TrainingDiverged, DataError):
             self.checkpointer.wait()  # Let saves of earlier, good states complete.
             raise
         finally:
             bar.close()
             writer.close()
-        self.checkpointer.wait()
+        self.checkpointer.wait()  # Still under the stop handlers: a second signal waits too.
         self._log("data: " + self.data_stats.summary(self._global_data_counts()))
         return last_eval
 
@@ -571,7 +634,14 @@ class Trainer:
             for k in ("loss", "contrastive_loss", "caption_loss", "grad_norm")
             if not math.isfinite(host[k])
         ]
-        if bad:
+        if bad and self.config.train.on_nan == "skip":  # The step kept the old state.
+            self.nan_skipped_steps += 1
+            if self.nan_skipped_steps <= 10 or self.nan_skipped_steps % 100 == 0:
+                self._log(
+                    f"step {step}: non-finite {', '.join(f'{k}={host[k]}' for k in bad)}; "
+                    f"update skipped (train.on_nan='skip', {self.nan_skipped_steps} so far)"
+                )
+        elif bad:
             good = self.checkpointer.latest_step()
             where = f"step {good} in {self.checkpointer.directory}" if good else "none saved yet"
             raise TrainingDiverged(
@@ -610,6 +680,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         trainer.fit()
+    except (run_record.RunRefused, CheckpointError) as e:  # Workdir in use, config changed,
+        print(f"error: {e}", file=sys.stderr)  # or no checkpoint that restores.
+        return 2
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
@@ -618,7 +691,16 @@ def main(argv: list[str] | None = None) -> int:
         return 4
     finally:
         trainer.close()
-    if trainer.is_chief:
+    if trainer.is_chief and trainer.preempted_at is not None:
+        saved = trainer.checkpointer.directory / str(trainer.preempted_at)
+        print(
+            f"[mmjax] preempted at step {trainer.preempted_at}"
+            + (f", checkpoint saved in {saved}" if saved.is_dir() else "")
+            + "; to resume, rerun the same command: python -m mmjax.train "
+            + shlex.join(argv),
+            flush=True,
+        )
+    elif trainer.is_chief:
         print(
             f"[mmjax] done: metrics in {Path(args.workdir) / 'metrics.jsonl'}, checkpoints in "
             f"{Path(args.workdir) / 'checkpoints'}, TensorBoard logs in "

@@ -2,28 +2,15 @@
 divergence handling, evaluation output and the loss ablations.
 
 Runs go through the real CLI (`python -m mmjax.train` / `mmjax.evaluate`) in
-subprocesses. Each training run happens once per pytest run, in the background
-ahead of the tests that read it (see `Runs`), and all share a persistent XLA
-compilation cache, so a program compiled by one run (e.g. the eval functions,
-identical in every tiny run) is not compiled again by the next. Results are
-unaffected: a cached executable is the same executable.
-
-Shared settings (BASE): batch 16, a constant learning rate (no warmup, no
-decay), log every step, checkpoint every 4 steps, eval only at the last step
-on 64 examples. The constant rate matters for the resume test: the schedule
-is a function of total_steps, so "4 steps, then extend to 8" equals "8 steps"
-only when the schedule does not change with total_steps.
+subprocesses; the training runs are shared with other modules and started
+ahead of the tests that read them (tests/runs.py, which also gives the shared
+settings).
 """
 
-import fcntl
 import functools
 import json
 import math
-import os
 import re
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import jax
@@ -41,23 +28,8 @@ from mmjax.optimizer import learning_rate_schedule, make_optimizer
 from mmjax.tokenizer import train_tokenizer
 from mmjax.train import Trainer, train_step
 from mmjax.train_state import create_train_state
+from tests.runs import BATCH, JOBS, LOSS_KEYS, STEPS, run, train, train_lines
 
-REPO = Path(__file__).resolve().parents[1]
-BATCH = 16
-STEPS = 8
-BASE = [
-    "--config.log_every=1",
-    "--config.checkpoint_every=4",
-    "--config.eval_every=1000",
-    "--config.optimizer.warmup_steps=0",
-    "--config.optimizer.end_learning_rate_factor=1.0",
-    "--config.data.train_examples=256",
-    "--config.data.eval_examples=64",
-    "--config.eval.caption_examples=16",
-    "--config.eval.batch_size=32",
-]
-MESH_8 = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
-LOSS_KEYS = ("loss", "contrastive_loss", "caption_loss")
 # Per-step values that depend only on the computation (not on timing).
 DETERMINISTIC_KEYS = LOSS_KEYS + ("grad_norm", "learning_rate", "temperature", "logit_bias")
 EVAL_KEYS = (
@@ -73,81 +45,7 @@ EVAL_KEYS = (
 
 pytestmark = pytest.mark.slow
 
-
-def shared_dir(tmp_path_factory) -> Path:
-    """A folder shared by all xdist workers of this pytest run (or this process's temp root)."""
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent
-    path = root / "mmjax_training_runs"
-    path.mkdir(exist_ok=True)
-    return path
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    path = shared_dir(tmp_path_factory) / "jax_cache"
-    path.mkdir(exist_ok=True)
-    return path
-
-
-def run(module, args, cache_dir, *, devices=1, check=True):
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", module, *map(str, args)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if check:
-        check_exit(proc)
-    return proc
-
-
-def check_exit(proc):
-    assert proc.returncode == 0, (
-        f"{proc.args} exited {proc.returncode}\n"
-        f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    )
-
-
-def train(workdir, cache_dir, *extra, config="coca", steps=STEPS, devices=1, check=True):
-    args = [
-        "--config",
-        f"configs/{config}.py:size=tiny,batch={BATCH},steps={steps}",
-        "--workdir",
-        workdir,
-        *BASE,
-        *extra,
-    ]
-    return run("mmjax.train", args, cache_dir, devices=devices, check=check)
-
-
-# The independent training runs, by name: train() keyword arguments.
-JOBS = {
-    "straight": dict(),  # 8 steps on 1 device in one go.
-    "eight": dict(extra=MESH_8, devices=8),
-    # Gradient accumulation and the ring sigmoid loss on the 8-device mesh.
-    "eight_micro": dict(extra=[*MESH_8, "--config.train.microbatches=4"], devices=8),
-    "siglip_eight": dict(config="siglip", steps=3, extra=MESH_8, devices=8),
-    "half": dict(steps=STEPS // 2),  # Resumed to 8 steps by the resume test.
-    "nan": dict(
-        extra=["--config.optimizer.learning_rate=1e30", "--config.checkpoint_every=1"], check=False
-    ),
-    "clip": dict(config="clip", steps=3),
-    "captioning": dict(config="captioning", steps=3),
-    "siglip": dict(config="siglip", steps=3),
-}
-# Which runs each test reads.
+# Which shared runs (tests/runs.py JOBS) each test reads.
 NEEDS = {
     "test_one_vs_eight_devices_same_losses": ("straight", "eight"),
     "test_sharded_losses_and_microbatches_match_one_device": (
@@ -160,93 +58,7 @@ NEEDS = {
     "test_nan_loss_stops_run_and_keeps_last_checkpoint": ("nan",),
     "test_evaluate_cli_and_metrics_file": ("straight",),
 }
-
-
-class Runs:
-    """Runs each job of JOBS at most once per pytest run, ahead of the tests that read it.
-
-    Each run mostly compiles, on about one core. Without xdist, two background
-    threads run the jobs the selected tests need, two at a time; under xdist
-    (`pytest -n 2`) each worker has one such thread and the workers share the
-    jobs through a folder and file locks, so no job runs twice. `get(name)` waits
-    for a job (running it now if nobody has started it) and returns
-    (workdir, CompletedProcess).
-    """
-
-    def __init__(self, root: Path, cache_dir: Path, names):
-        self._root, self._cache_dir = root, cache_dir
-        self._pending = [name for name in JOBS if name in names]  # Earliest tests' runs first.
-        self._stop = threading.Event()
-        threads = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
-        self._threads = [
-            threading.Thread(target=self._prefetch, daemon=True) for _ in range(threads)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def _ensure(self, name: str, block: bool) -> bool:
-        """Runs job `name` unless it has run; False if another thread or worker is on it."""
-        with open(self._root / f"{name}.lock", "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
-            except BlockingIOError:
-                return False
-            result = self._root / f"{name}.json"
-            if not result.exists():
-                kwargs = dict(JOBS[name], check=False)
-                proc = train(self._root / name, self._cache_dir, *kwargs.pop("extra", ()), **kwargs)
-                tmp = result.with_suffix(".tmp")
-                tmp.write_text(
-                    json.dumps(
-                        dict(
-                            args=proc.args,
-                            returncode=proc.returncode,
-                            stdout=proc.stdout,
-                            stderr=proc.stderr,
-                        )
-                    )
-                )
-                tmp.rename(result)
-            return True
-
-    def _prefetch(self):
-        while not self._stop.is_set():
-            busy = [name for name in list(self._pending) if not self._ensure(name, block=False)]
-            self._pending = busy
-            if not busy:
-                return
-            self._stop.wait(0.5)  # The rest are running elsewhere; check back.
-
-    def get(self, name: str):
-        self._ensure(name, block=True)
-        saved = json.loads((self._root / f"{name}.json").read_text())
-        proc = subprocess.CompletedProcess(**saved)
-        if JOBS[name].get("check", True):
-            check_exit(proc)
-        return self._root / name, proc
-
-    def close(self):
-        self._stop.set()
-        for thread in self._threads:
-            thread.join()  # Waits for a run in progress (their subprocesses have a timeout).
-
-
-@pytest.fixture(scope="session")  # Session: torn down once, not between xdist batches.
-def runs(request, tmp_path_factory, cache_dir):
-    names = set()
-    for item in request.session.items:
-        if getattr(item, "module", None) is not sys.modules[__name__]:
-            continue
-        names.update(NEEDS.get(item.originalname, ()))
-        if item.originalname == "test_loss_ablation_configs_train":
-            names.add(item.callspec.params["config"])
-    runs = Runs(shared_dir(tmp_path_factory), cache_dir, names)
-    yield runs
-    runs.close()
-
-
-def train_lines(workdir):
-    return [r for r in read_metrics(workdir) if "loss" in r]
+JOB_PARAMETER = "config"  # test_loss_ablation_configs_train[config] reads the job `config`.
 
 
 def eval_lines(workdir):
@@ -387,8 +199,10 @@ def test_resume_reproduces_uninterrupted_run_exactly(runs, cache_dir):
     checkpointer = Checkpointer(workdir / "checkpoints")
     assert checkpointer.all_steps() == [STEPS // 2]
     checkpointer.close()
-    second = train(workdir, cache_dir, steps=STEPS)
+    # Extending total_steps is a config change (it re-stretches the schedule; constant here).
+    second = train(workdir, cache_dir, "--config.allow_config_change=True", steps=STEPS)
     assert f"resumed from {workdir / 'checkpoints'}/{STEPS // 2}" in second.stdout
+    assert f"(allow_config_change): total_steps: {STEPS // 2} -> {STEPS}" in second.stdout
 
     straight, resumed = train_lines(straight_dir), train_lines(workdir)
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))

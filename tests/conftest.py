@@ -1,0 +1,28 @@
+"""Session fixtures shared by the end-to-end tests: the compilation cache and the runs."""
+
+import pytest
+
+from tests.runs import Runs, shared_dir
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    path = shared_dir(tmp_path_factory) / "jax_cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")  # Session: torn down once, not between xdist batches.
+def runs(request, tmp_path_factory, cache_dir):
+    """The background training runs (tests/runs.py JOBS) that the selected tests read."""
+    names = set()
+    for item in request.session.items:
+        module = getattr(item, "module", None)
+        needs = getattr(module, "NEEDS", {}) if module is not None else {}
+        names.update(needs.get(item.originalname, ()))
+        job_param = getattr(module, "JOB_PARAMETER", None)
+        if job_param and hasattr(item, "callspec") and job_param in item.callspec.params:
+            names.add(item.callspec.params[job_param])
+    runs = Runs(shared_dir(tmp_path_factory), cache_dir, names)
+    yield runs
+    runs.close()
