@@ -94,9 +94,42 @@ def _convert(text: str, current: Any, where: str) -> Any:
     )
 
 
+def _literal(text: str) -> Any:
+    """A Python literal (number, bool, dict, list...) or else the text as a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _add_evaluator_setting(config: ml_collections.ConfigDict, parts: list[str], text: str) -> bool:
+    """`evals.NAME={...}` adds an evaluator, `evals.NAME.KEY=V` adds a setting (the evaluator
+    checks the names); True when the override was such an addition."""
+    if parts[0] != "evals" or len(parts) not in (2, 3):
+        return False
+    if "evals" not in config:  # A run configured before named evaluators existed.
+        config.evals = ml_collections.ConfigDict()
+    evals = config.evals
+    if len(parts) == 2 and parts[1] not in evals:
+        value = _literal(text)
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"--config.evals.{parts[1]} adds an evaluator: give a dict, e.g. "
+                "\"{'type': 'zeroshot', 'classes': 'classes.txt'}\""
+            )
+        evals[parts[1]] = ml_collections.ConfigDict(value)
+        return True
+    if len(parts) == 3 and parts[1] in evals and parts[2] not in evals[parts[1]]:
+        evals[parts[1]][parts[2]] = _literal(text)
+        return True
+    return False
+
+
 def apply_override(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
     node = config
     parts = dotted.split(".")
+    if _add_evaluator_setting(config, parts, text):
+        return
     for i, part in enumerate(parts):
         prefix = ".".join(parts[:i])
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:

@@ -72,6 +72,8 @@ RESUMABLE_KEYS = (
     "data.num_threads",
     "data.prefetch",
     "eval.*",
+    "evals",
+    "evals.*",
     "log_every",
     "eval_every",
     "checkpoint_every",

@@ -46,8 +46,20 @@ LOSS_KEYS = ("loss", "contrastive_loss", "caption_loss")
 # Runs as `launch/multiprocess.sh 2 4 -- python ...`: 2 processes x 4 CPU devices (gloo).
 TWO_PROCESSES = ["bash", "launch/multiprocess.sh", "2", "4", "--"]
 
-# The independent training runs, by name: train() keyword arguments.
+# A run long enough to learn the corpus (test_learning.py and the inference tests read it):
+# the tiny CoCa at its own config defaults, 800 steps of batch 64, one eval at the end.
+LEARNED = [
+    "--config",
+    "configs/coca.py:size=tiny,steps=800",
+    "--config.eval_every=800",
+    "--config.checkpoint_every=800",
+    "--config.log_every=100",
+]
+
+# The independent training runs, by name: train() keyword arguments, or `args` for a run that
+# does not use the short BASE settings.
 JOBS = {
+    "learned": dict(args=LEARNED, timeout=1200),  # First: the longest.
     "straight": dict(),  # 8 steps on 1 device in one go.
     "eight": dict(extra=MESH_8, devices=8),
     "two_processes": dict(extra=MESH_8, launcher=TWO_PROCESSES, devices=None),
@@ -166,7 +178,12 @@ class Runs:
             result = self._root / f"{name}.json"
             if not result.exists():
                 kwargs = dict(JOBS[name], check=False)
-                proc = train(self._root / name, self._cache_dir, *kwargs.pop("extra", ()), **kwargs)
+                if "args" in kwargs:
+                    args = [*kwargs.pop("args"), "--workdir", self._root / name]
+                    proc = run("mmjax.train", args, self._cache_dir, **kwargs)
+                else:
+                    extra = kwargs.pop("extra", ())
+                    proc = train(self._root / name, self._cache_dir, *extra, **kwargs)
                 tmp = result.with_suffix(".tmp")
                 tmp.write_text(
                     json.dumps(

@@ -1,28 +1,16 @@
-"""The tiny CoCa actually learns the built-in corpus in a short run."""
-
-import json
+"""The tiny CoCa actually learns the built-in corpus in a short run (the shared `learned` run)."""
 
 import pytest
 
-from mmjax.train import main
+from mmjax.metric_writer import read_metrics
+
+NEEDS = {"test_tiny_run_learns_retrieval_and_captions": ("learned",)}
 
 
 @pytest.mark.slow
-def test_tiny_run_learns_retrieval_and_captions(tmp_path):
-    workdir = tmp_path / "run"
-    code = main(
-        [
-            "--config",
-            "configs/coca.py:size=tiny,steps=800",
-            "--workdir",
-            str(workdir),
-            "--config.eval_every=800",
-            "--config.checkpoint_every=800",
-            "--config.log_every=100",
-        ]
-    )
-    assert code == 0
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+def test_tiny_run_learns_retrieval_and_captions(runs):
+    workdir, _ = runs.get("learned")
+    records = read_metrics(workdir)
     train = [r for r in records if "loss" in r]
     final = [r for r in records if "eval/i2t_r1" in r][-1]
     assert train[-1]["loss"] < 0.3 * train[0]["loss"], (train[0]["loss"], train[-1]["loss"])

@@ -1,0 +1,211 @@
+"""What every evaluator shares: the model, the mesh, the tokenizer and the sharded eval loop.
+
+An evaluator reads a source through `EvalContext.batches(source, batch_size)`, which pads the
+last batch and drops padding and bad samples (index -1), so every example counts exactly once
+on any number of devices or processes. The jitted functions are built once per context and
+shared by all evaluators, so two evaluators with the same batch shapes compile once.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from mmjax import sharding as shd
+from mmjax.config_loading import ConfigError
+from mmjax.data.pipeline import eval_batches
+from mmjax.data.preprocess import ImageOptions
+from mmjax.data.sources import make_source
+from mmjax.data.stats import DataStats
+from mmjax.generate import GenerateOptions, generate
+from mmjax.models.coca import CoCa
+from mmjax.tokenizer import Tokenizer
+
+
+class Subset:
+    """The examples `indices` of a source, as a source (for example limits and one row per
+    distinct image); `parent_index(i)` maps back."""
+
+    def __init__(self, source, indices):
+        self.source = source
+        self.indices = np.asarray(indices, np.int64)
+        self.name = source.name
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.source[int(self.indices[operator.index(index)])]
+
+    def caption(self, index: int):
+        return self.source.caption(int(self.indices[operator.index(index)]))
+
+    def parent_index(self, index: int) -> int:
+        return int(self.indices[index])
+
+
+def limited(source, examples: int):
+    """The first `examples` examples of `source` (all when 0 or more than it has)."""
+    if examples and examples < len(source):
+        return Subset(source, np.arange(examples))
+    return source
+
+
+class EvalContext:
+    """Model, mesh, rules, tokenizer and the jitted eval functions, built once per run."""
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        model: CoCa,
+        mesh,
+        rules,
+        tokenizer: Tokenizer,
+        *,
+        workdir: str | Path | None = None,
+    ):
+        self.config, self.model, self.mesh, self.rules = config, model, mesh, rules
+        self.tokenizer = tokenizer
+        self.workdir = Path(workdir) if workdir else None
+        self.image_options = ImageOptions(
+            image_size=model.cfg.image_size, train=False, max_pixels=config.data.max_image_pixels
+        )
+        rows = lambda ndim: shd.batch_sharding(mesh, rules, ndim)
+        everywhere = shd.replicated(mesh)
+
+        def embed_images(params, images):
+            return model.apply({"params": params}, images, method=CoCa.encode_image)[0]
+
+        def embed_texts(params, tokens):
+            return model.apply({"params": params}, tokens, method=CoCa.encode_text)[0]
+
+        def scale(params):
+            return model.apply({"params": params}, method=CoCa.contrastive_scale_and_bias)[0]
+
+        # Outputs replicated: every process ends up with the whole eval set.
+        self.embed_images = jax.jit(
+            embed_images, in_shardings=(None, rows(4)), out_shardings=everywhere
+        )
+        self.embed_texts = jax.jit(
+            embed_texts, in_shardings=(None, rows(2)), out_shardings=everywhere
+        )
+        self.logit_scale = jax.jit(scale, out_shardings=everywhere)
+        self._captioners: dict[GenerateOptions, Any] = {}
+
+    def source(self, spec: str, where: str, *, split: str = "eval"):
+        """The source a spec names; a bad spec is a ConfigError naming `where`."""
+        try:
+            return make_source(
+                spec,
+                split=split,
+                data=self.config.data,
+                image_size=self.model.cfg.image_size,
+                cache_dir=self.workdir / "data_index" if self.workdir else None,
+            )
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    def captioner(self, options: GenerateOptions):
+        """A jitted (params, images, rng) -> tokens [B, L] for these generation options."""
+        if options not in self._captioners:
+            tok, model = self.tokenizer, self.model
+
+            def fn(params, images, rng):
+                return generate(
+                    model,
+                    params,
+                    images,
+                    bos_id=tok.bos_id,
+                    eos_id=tok.eos_id,
+                    pad_id=tok.pad_id,
+                    options=options,
+                    rng=rng,
+                )
+
+            self._captioners[options] = jax.jit(
+                fn,
+                in_shardings=(None, shd.batch_sharding(self.mesh, self.rules, 4), None),
+                out_shardings=shd.replicated(self.mesh),
+            )
+        return self._captioners[options]
+
+    def to_global(self, local: np.ndarray) -> jax.Array:
+        sharding = shd.batch_sharding(self.mesh, self.rules, local.ndim)
+        return jax.make_array_from_process_local_data(sharding, local)
+
+    def batches(self, source, batch_size: int, stats: DataStats | None = None) -> Iterator[dict]:
+        """Global batches of `source` in index order: {"images", "tokens" (device arrays),
+        "index" (int64 [B] on every process; -1 for padding and bad samples)}."""
+        cfg = self.config
+        local = eval_batches(
+            source,
+            self.tokenizer,
+            global_batch_size=batch_size,
+            context_length=self.model.cfg.context_length,
+            image_options=self.image_options,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            workers=cfg.data.workers,
+            num_threads=cfg.data.num_threads,
+            prefetch=cfg.data.prefetch,
+        )
+        for batch in local:
+            if stats is not None:
+                stats.add(batch["counts"])
+            index = batch["index"]
+            if jax.process_count() > 1:
+                index = np.asarray(multihost_utils.process_allgather(index, tiled=True))
+            yield {
+                "images": self.to_global(batch["images"]),
+                "tokens": self.to_global(batch["tokens"]),
+                "index": index,
+            }
+
+    def skipped(self, stats: DataStats) -> float:
+        """Bad samples seen by all processes together (a collective)."""
+        counts = stats.counts
+        if jax.process_count() > 1:
+            counts = np.asarray(multihost_utils.process_allgather(counts[None], tiled=True)).sum(0)
+        return stats.metrics(counts)["data/skipped"]
+
+    def embed_source(
+        self, params, source, batch_size: int, *, texts: bool = False, stats=None
+    ) -> dict[str, np.ndarray]:
+        """{"index": [N], "image": [N, E], "text": [N, E] (with texts)} over the usable examples."""
+        images, captions, indices = [], [], []
+        with shd.activate(self.mesh, self.rules):
+            for batch in self.batches(source, batch_size, stats):
+                images.append(np.asarray(self.embed_images(params, batch["images"])))
+                if texts:
+                    captions.append(np.asarray(self.embed_texts(params, batch["tokens"])))
+                indices.append(batch["index"])
+        index = np.concatenate(indices)
+        keep = index >= 0
+        out = {"index": index[keep], "image": np.concatenate(images)[keep]}
+        if texts:
+            out["text"] = np.concatenate(captions)[keep]
+        return out
+
+    def embed_strings(self, params, texts: list[str], batch_size: int) -> np.ndarray:
+        """Text embeddings [N, E] of plain strings (class prompts), padded to whole batches."""
+        length = self.model.cfg.context_length
+        tokens = self.tokenizer.encode_batch(texts, length)
+        parallel = shd.data_parallel_size(self.mesh, self.rules)
+        batch_size = -(-batch_size // parallel) * parallel  # Whole rows per device.
+        out = []
+        with shd.activate(self.mesh, self.rules):
+            for start in range(0, len(texts), batch_size):
+                chunk = tokens[start : start + batch_size]
+                padded = np.zeros((batch_size, length), np.int32)
+                padded[: len(chunk)] = chunk
+                # Every process holds the same strings: each passes its own rows.
+                rows = padded.reshape(jax.process_count(), -1, length)[jax.process_index()]
+                out.append(np.asarray(self.embed_texts(params, self.to_global(rows)))[: len(chunk)])
+        return np.concatenate(out)

@@ -1,0 +1,50 @@
+"""Class labels of a labelled eval source, for zero-shot and linear-probe evaluation.
+
+  shapes   label = one of the corpus attributes: shape | colour | size | position
+  csv:...  label = a column of the CSV (e.g. `label`), read once
+Other source kinds carry no labels: asking for them is a ConfigError.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from pathlib import Path
+
+from mmjax.config_loading import ConfigError
+from mmjax.data.csv_source import CsvSource
+from mmjax.data.shapes import ShapesSource
+from mmjax.evals.context import Subset
+
+SHAPES_LABELS = ("shape", "colour", "size", "position")
+
+
+def _csv_column(path: Path, key: str) -> list[str]:
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [row for row in csv.reader(f, delimiter=delimiter) if row]
+    header, rows = rows[0], rows[1:]
+    if key not in header:
+        raise ConfigError(f"{path}: no label column {key!r}; columns present: {header}")
+    column = header.index(key)
+    return [row[column] if column < len(row) else "" for row in rows]
+
+
+def label_reader(source, key: str, where: str) -> Callable[[int], str]:
+    """index -> class name for `source` (a Subset maps to its parent's index)."""
+    if isinstance(source, Subset):
+        parent = label_reader(source.source, key, where)
+        return lambda i: parent(source.parent_index(i))
+    if isinstance(source, ShapesSource):
+        if key not in SHAPES_LABELS:
+            raise ConfigError(
+                f"{where}: the shapes corpus has labels {list(SHAPES_LABELS)}, not {key!r}"
+            )
+        return lambda i: source.attributes(i)[key]
+    if isinstance(source, CsvSource):
+        values = _csv_column(source.path, key)
+        return lambda i: values[i]
+    raise ConfigError(
+        f"{where}: source {source.name} has no class labels (use the shapes corpus or a CSV "
+        "with a label column)"
+    )
