@@ -41,6 +41,18 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 py="$venv/bin/python"
+# The openclip extra (torch, open_clip) for mmjax.convert's tests: open_clip_torch and
+# torchvision without their dependencies, which would pull a multi-GB CUDA torch.
+openclip_pins="open_clip_torch==3.3.0 torchvision==0.28.0"
+openclip_stamp="$venv/.mmjax-openclip"
+openclip_want="$(printf '%s %s' "$want" "$openclip_pins" | sha256sum | cut -d' ' -f1)"
+if [ "$mode" = test ] && { [ ! -f "$openclip_stamp" ] || [ "$(cat "$openclip_stamp")" != "$openclip_want" ]; }; then
+  echo "[setup] installing the openclip extra (CPU torch, open_clip) into $venv"
+  "$py" -m pip install --quiet -e ".[test,openclip]"
+  # shellcheck disable=SC2086
+  "$py" -m pip install --quiet --no-deps $openclip_pins
+  echo "$openclip_want" > "$openclip_stamp"
+fi
 
 case "$mode" in
   setup)

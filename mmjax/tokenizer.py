@@ -112,6 +112,20 @@ class Tokenizer:
         return [self.decode(row) for row in ids]
 
 
+TOKENIZER_TYPES = ("sentencepiece", "clip_bpe")
+
+
+def load_tokenizer(path: str | os.PathLike, kind: str = "sentencepiece"):
+    """The tokenizer of data.tokenizer_type `kind` at `path` (same interface either way)."""
+    if kind == "sentencepiece":
+        return Tokenizer.load(path)
+    if kind == "clip_bpe":  # Converted open_clip models (mmjax.convert).
+        from mmjax.clip_tokenizer import ClipBpeTokenizer
+
+        return ClipBpeTokenizer.load(path)
+    raise ValueError(f"data.tokenizer_type={kind!r} is unknown; allowed: {TOKENIZER_TYPES}")
+
+
 def train_tokenizer(
     captions: Iterable[str], out_path: str | os.PathLike, vocab_size: int
 ) -> Tokenizer:

@@ -33,7 +33,8 @@ class CoCa(nn.Module):
         cfg = self.cfg
         self.image_encoder = ImageEncoder(cfg)
         self.text_encoder = TextEncoder(cfg, decode=self.decode)
-        self.decoder = MultimodalDecoder(cfg, decode=self.decode)
+        if cfg.captioning:  # Plain CLIP has no decoder.
+            self.decoder = MultimodalDecoder(cfg, decode=self.decode)
         self.image_proj = Dense(cfg, cfg.embed_dim, ("embed", "joint"), "image_proj", False)
         self.text_proj = Dense(cfg, cfg.embed_dim, ("embed", "joint"), "text_proj", False)
         self.logit_scale = self.param(
@@ -49,14 +50,19 @@ class CoCa(nn.Module):
             jnp.float32,
         )
 
-    def encode_image(self, images: Array) -> tuple[Array, Array]:
-        """-> (L2-normalised embedding [B, E] in f32, caption tokens [B, N, W])."""
+    def encode_image(self, images: Array) -> tuple[Array, Array | None]:
+        """-> (L2-normalised embedding [B, E] in f32, caption tokens [B, N, W] or None)."""
         pooled, caption_tokens = self.image_encoder(images)
         return l2_normalise(self.image_proj(pooled)), caption_tokens
 
     def encode_text(self, tokens: Array) -> tuple[Array, Array]:
-        """-> (L2-normalised embedding [B, E] in f32, token features [B, L-1, W])."""
-        cls, features = self.text_encoder(tokens[:, :-1])
+        """-> (L2-normalised embedding [B, E] in f32, token features [B, L-1, W]).
+
+        With text_pool='argmax' (CLIP) the encoder reads all L tokens (no CLS slot)."""
+        if self.cfg.text_pool == "argmax":
+            cls, features = self.text_encoder(tokens)
+        else:
+            cls, features = self.text_encoder(tokens[:, :-1])
         return l2_normalise(self.text_proj(cls)), features
 
     def contrastive_scale_and_bias(self) -> tuple[Array, Array]:
@@ -71,7 +77,7 @@ class CoCa(nn.Module):
         text_emb, features = self.encode_text(tokens)
         scale, bias = self.contrastive_scale_and_bias()
         out = dict(image_emb=image_emb, text_emb=text_emb, scale=scale, bias=bias)
-        if with_captioning:
+        if with_captioning and self.cfg.captioning:
             out["logits"] = self.decoder(features, caption_tokens)
         return out
 
@@ -81,5 +87,7 @@ class CoCa(nn.Module):
         Pass the image's caption tokens on the first call (their keys/values are
         projected once and cached), None afterwards.
         """
+        if not self.cfg.captioning:
+            raise ValueError("this model has no decoder (model.captioning=False)")
         _, features = self.text_encoder(tokens)
         return self.decoder(features, caption_tokens)

@@ -20,6 +20,12 @@ import jax.numpy as jnp
 REMAT_POLICIES = ("none", "minimal", "dots-saveable", "full")
 TOWERS = ("vision", "text", "decoder")
 DTYPES = ("float32", "bfloat16", "float16")
+# Layout options that reproduce open_clip (mmjax.convert); each tuple starts with the default.
+MLP_ACTIVATIONS = ("gelu_tanh", "gelu", "quick_gelu")
+VIT_POOLS = ("two_poolers", "shared_queries", "class_token")
+TEXT_POOLS = ("cls", "argmax")
+TEXT_MASKS = ("pad_keys", "open_clip")
+DECODER_BLOCKS = ("fused", "split")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +62,27 @@ class ModelConfig:
     # Pixel normalisation applied on the device to uint8 images.
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # open_clip layouts (set by mmjax.convert); the defaults are mmjax's own CoCa.
+    norm_eps: float = 1e-6  # open_clip: 1e-5 (torch's default).
+    mlp_activation: str = "gelu_tanh"  # gelu = exact erf; quick_gelu = x * sigmoid(1.702 x).
+    vit_class_token: bool = False  # A learned token before the patches; positions cover it.
+    vit_ln_pre: bool = False  # LayerNorm between the embeddings and the blocks.
+    # two_poolers: 1-query and N-query poolers after a final LayerNorm (the paper);
+    # shared_queries: one pooler of N+1 queries, query 0 -> contrastive (open_clip CoCa);
+    # class_token: LayerNorm'd class token -> contrastive, no caption tokens (CLIP).
+    vit_pool: str = "two_poolers"
+    pool_width: int = 0  # shared_queries: query width (open_clip: embed_dim); 0 = vit_width.
+    pool_heads: int = 0  # 0 = vit_heads.
+    # cls: CLS appended after the tokens (CoCa); argmax: features at the highest token id,
+    # i.e. EOS of CLIP's tokenizer, after a final LayerNorm (CLIP, no decoder).
+    text_pool: str = "cls"
+    # pad_keys: padding is never a key; open_clip: key j is hidden when token j-1 is padding
+    # (its CoCa's off-by-one mask, key 0 always visible).
+    text_mask: str = "pad_keys"
+    # fused: self-attn, cross-attn, MLP; split: a self-attn block and a cross-attn block
+    # with one MLP each and a LayerNorm on the image tokens (open_clip's decoder).
+    decoder_block: str = "fused"
+    captioning: bool = True  # False: no decoder (plain CLIP).
 
     @property
     def compute_dtype(self):
@@ -68,6 +95,10 @@ class ModelConfig:
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def vit_positions(self) -> int:
+        return self.num_patches + int(self.vit_class_token)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> ModelConfig:
@@ -110,6 +141,29 @@ class ModelConfig:
         if self.context_length < 3:
             raise ValueError(
                 f"model.context_length={self.context_length} must be >= 3 (BOS, a token, EOS)"
+            )
+        for name, allowed in (
+            ("mlp_activation", MLP_ACTIVATIONS),
+            ("vit_pool", VIT_POOLS),
+            ("text_pool", TEXT_POOLS),
+            ("text_mask", TEXT_MASKS),
+            ("decoder_block", DECODER_BLOCKS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"model.{name}={getattr(self, name)!r} is unknown; allowed: {allowed}"
+                )
+        if self.vit_pool == "class_token" and not self.vit_class_token:
+            raise ValueError("model.vit_pool='class_token' needs model.vit_class_token=True")
+        if self.captioning and (self.vit_pool == "class_token" or self.text_pool == "argmax"):
+            raise ValueError(
+                "model.captioning=True needs caption tokens and a CLS text pool: set "
+                "model.vit_pool to two_poolers/shared_queries and model.text_pool='cls'"
+            )
+        if (self.pool_width or self.vit_width) % (self.pool_heads or self.vit_heads):
+            raise ValueError(
+                f"model.pool_width={self.pool_width} is not divisible by "
+                f"model.pool_heads={self.pool_heads}"
             )
         for name in ("vit_layers", "text_layers", "decoder_layers", "caption_queries", "embed_dim"):
             if getattr(self, name) < 1:

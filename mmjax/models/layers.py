@@ -48,13 +48,24 @@ def Dense(
 def LayerNorm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
     # Flax computes the statistics in f32 even for bf16 inputs.
     return nn.LayerNorm(
-        epsilon=1e-6,
+        epsilon=cfg.norm_eps,
         dtype=cfg.compute_dtype,
         param_dtype=cfg.weights_dtype,
         scale_init=partitioned(nn.initializers.ones, ("norm",)),
         bias_init=partitioned(nn.initializers.zeros, ("norm",)),
         name=name,
     )
+
+
+def activation(name: str, x: Array) -> Array:
+    """A model.mlp_activation by name (see ModelConfig)."""
+    if name == "gelu_tanh":
+        return nn.gelu(x, approximate=True)
+    if name == "gelu":
+        return nn.gelu(x, approximate=False)
+    if name == "quick_gelu":  # OpenAI CLIP's sigmoid approximation, kept by its checkpoints.
+        return x * jax.nn.sigmoid(1.702 * x)
+    raise ValueError(f"model.mlp_activation={name!r} is unknown")
 
 
 class Mlp(nn.Module):
@@ -67,7 +78,7 @@ class Mlp(nn.Module):
         width = x.shape[-1]
         h = Dense(cfg, self.hidden, ("embed", "mlp"), "fc1")(x)
         h = constrain(h, ("batch", "length", "act_mlp"))
-        h = nn.gelu(h, approximate=True)
+        h = activation(cfg.mlp_activation, h)
         y = Dense(cfg, width, ("mlp", "embed"), "fc2")(h)
         return constrain(y, ("batch", "length", "act_embed"))
 
@@ -224,6 +235,34 @@ class DecoderBlock(nn.Module):
         )(h, context=context)
         h = LayerNorm(self.cfg, name="ln_mlp")(x)
         x = x + Mlp(self.cfg, self.mlp_dim, name="mlp")(h)
+        return x, None
+
+
+class SplitDecoderBlock(nn.Module):
+    """open_clip's decoder layer: a causal self-attention block, then a cross-attention
+    block whose LayerNorm'd queries attend to LayerNorm'd image tokens; each has its MLP."""
+
+    cfg: ModelConfig
+    num_heads: int
+    mlp_dim: int
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array | None, context: Array | None) -> tuple[Array, None]:
+        cfg = self.cfg
+        x = constrain(x, ("batch", "length", "act_embed"))
+        h = LayerNorm(cfg, name="ln_self")(x)
+        x = x + Attention(cfg, self.num_heads, decode=self.decode, name="self_attn")(h, mask=mask)
+        h = LayerNorm(cfg, name="ln_self_mlp")(x)
+        x = x + Mlp(cfg, self.mlp_dim, name="self_mlp")(h)
+        h = LayerNorm(cfg, name="ln_cross")(x)
+        # In decode mode the context comes only on the first call (then it is cached).
+        context = None if context is None else LayerNorm(cfg, name="ln_context")(context)
+        x = x + Attention(cfg, self.num_heads, cross=True, decode=self.decode, name="cross_attn")(
+            h, context=context
+        )
+        h = LayerNorm(cfg, name="ln_mlp")(x)
+        x = x + Mlp(cfg, self.mlp_dim, name="mlp")(h)
         return x, None
 
 

@@ -12,6 +12,7 @@ from mmjax.models.layers import (
     Dense,
     EncoderBlock,
     LayerNorm,
+    SplitDecoderBlock,
     Stack,
     constrain,
     partitioned,
@@ -21,14 +22,20 @@ Array = jax.Array
 PAD_ID = 0
 
 
-def text_attention_mask(tokens: Array, with_cls: bool) -> Array:
+def text_attention_mask(tokens: Array, with_cls: bool, convention: str = "pad_keys") -> Array:
     """Causal mask that also hides padding keys: [B, 1, T(+1), T(+1)].
 
     The CLS slot appended at the end attends to every real token and itself;
     padding never acts as a key, so changing it cannot change any output.
+    convention='open_clip' reproduces open_clip's CoCa instead: key 0 is always
+    visible and key j is hidden when token j-1 is padding (its checkpoints learnt that).
     """
     valid = tokens != PAD_ID
-    if with_cls:
+    if convention == "open_clip":
+        valid = jnp.concatenate([jnp.ones_like(valid[:, :1]), valid], axis=1)
+        if not with_cls:
+            valid = valid[:, :-1]
+    elif with_cls:
         valid = jnp.concatenate([valid, jnp.ones_like(valid[:, :1])], axis=1)
     causal = nn.make_causal_mask(valid, dtype=bool)
     # A padded query still sees position 0 (BOS), so no row is fully masked.
@@ -40,6 +47,8 @@ class TextEncoder(nn.Module):
 
     Returns (cls_features [B, W] after LayerNorm, token_features [B, T, W]).
     In decode mode no CLS is appended and positions come from a cache counter.
+    With model.text_pool='argmax' (CLIP) no CLS is appended either: every position
+    is LayerNorm'd and the pooled vector is the one at the highest token id (EOS).
     """
 
     cfg: ModelConfig
@@ -73,6 +82,9 @@ class TextEncoder(nn.Module):
             else:
                 start.value = start.value + t
             mask = None  # The attention KV cache builds its own causal mask.
+        elif cfg.text_pool == "argmax":
+            x = x + pos[:t][None]
+            mask = nn.make_causal_mask(jnp.ones(tokens.shape, bool), dtype=bool)
         else:
             cls = self.param(
                 "cls",
@@ -84,7 +96,7 @@ class TextEncoder(nn.Module):
                 [x, jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, width))], 1
             )
             x = x + pos[: t + 1][None]
-            mask = text_attention_mask(tokens, with_cls=True)
+            mask = text_attention_mask(tokens, with_cls=True, convention=cfg.text_mask)
         x = constrain(x, ("batch", "length", "act_embed"))
         x = Stack(
             cfg,
@@ -96,6 +108,10 @@ class TextEncoder(nn.Module):
         )(x, mask)
         if self.decode:
             return None, x
+        if cfg.text_pool == "argmax":
+            x = LayerNorm(cfg, name="ln_final")(x)
+            eos = jnp.argmax(tokens, axis=1)
+            return jnp.take_along_axis(x, eos[:, None, None], axis=1)[:, 0], x
         cls_features = LayerNorm(cfg, name="ln_cls")(x[:, -1])
         return cls_features, x[:, :-1]
 
@@ -115,7 +131,7 @@ class MultimodalDecoder(nn.Module):
             mask = nn.make_causal_mask(jnp.ones(text_features.shape[:2], bool), dtype=bool)
         x = Stack(
             cfg,
-            DecoderBlock,
+            SplitDecoderBlock if cfg.decoder_block == "split" else DecoderBlock,
             cfg.decoder_layers,
             dict(num_heads=cfg.text_heads, mlp_dim=cfg.text_mlp_dim, decode=self.decode),
             remat=cfg.remat_for("decoder"),
