@@ -40,6 +40,9 @@ def get_config(arg=None):
     # refused unless this is True (mesh, speed and cadence keys may always change; see
     # mmjax/run_record.py RESUMABLE_KEYS).
     config.allow_config_change = False
+    # A workdir (or mmjax.convert output) whose newest checkpoint's parameters start this run
+    # (fresh optimizer); its model config (and tokenizer) replace model.* (and data.tokenizer).
+    config.init_from = ""
     config.train = ml_collections.ConfigDict()
     # Gradient accumulation: the global batch is processed in this many slices (less
     # activation memory, same gradient; each slice still sees the whole batch's negatives).
@@ -94,6 +97,7 @@ def get_config(arg=None):
     config.data.train_examples = 20000  # shapes only
     config.data.eval_examples = 512  # shapes only
     config.data.tokenizer = ""  # Path to a sentencepiece model; '' trains one into the workdir.
+    config.data.tokenizer_type = "sentencepiece"  # or clip_bpe (converted open_clip models)
     config.data.tokenizer_vocab_size = 256
     config.data.tokenizer_captions = 200_000  # captions read to train a missing tokenizer
     # Image preprocessing of encoded images (the shapes images are used as they are).
@@ -111,4 +115,21 @@ def get_config(arg=None):
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 128
     config.eval.caption_examples = 512  # How many eval images get a generated caption.
+
+    # Named evaluators (mmjax/evals/suite.py), metrics as eval/NAME/...; each runs every
+    # `every` steps (0: eval_every) and at the end. Add one from the command line with
+    # --config.evals.NAME="{'type': 'retrieval', 'data': 'csv:/data/val.csv'}".
+    config.evals = ml_collections.ConfigDict()
+    # COCO caption metrics (BLEU-1..4, CIDEr-D, ROUGE-L) of greedy captions of data.eval.
+    config.evals.captioning = dict(type="captioning", generate={"method": "greedy"})
+    # Zero-shot colour classification: class names x prompt templates (prompt ensembling).
+    # configs/zeroshot/shapes_shapes.txt + shapes_shape_templates.txt with label="shape" is
+    # the harder task (near chance after 800 tiny steps; see BUILD_NOTES.md).
+    config.evals.zeroshot = dict(
+        type="zeroshot",
+        data="shapes",
+        label="colour",
+        classes="configs/zeroshot/shapes_colours.txt",
+        templates="configs/zeroshot/shapes_colour_templates.txt",
+    )
     return config

@@ -31,6 +31,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from mmjax import distributed
+
 COMMIT_MARKER = "commit_success.txt"  # Written by orbax just before the commit rename.
 ITEMS = ("state", "data")
 
@@ -62,6 +64,7 @@ def _all_processes_agree(ok: bool) -> bool:
     """True when `ok` holds on every process (a collective when there are several)."""
     if jax.process_count() == 1:
         return ok
+    distributed.align_processes("agree")
     flags = multihost_utils.process_allgather(np.asarray([int(ok)], np.int32), tiled=True)
     return bool(np.all(np.asarray(flags)))
 

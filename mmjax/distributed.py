@@ -407,6 +407,29 @@ def _rendezvous_peer(info: DistributedInfo, timeout_s: float) -> None:
 # ----------------------------------------------------------------------------- initialize
 
 
+_barriers = 0
+
+
+def align_processes(what: str, timeout_s: float = 1800.0) -> None:
+    """Waits until every process gets here (no-op with one process).
+
+    Uses the coordination service, not a device collective. Call it before the first
+    collective of a phase: gloo gives a new group of processes a fixed 30 s to set up its
+    connections, which a process still compiling on a loaded host can miss; aligned, they
+    enter together. Every process must make the same sequence of calls.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed
+
+    global _barriers
+    _barriers += 1
+    client = jax_distributed.global_state.client
+    client.wait_at_barrier(f"mmjax_{_barriers}_{what}", int(timeout_s * 1000))
+
+
 def initialize(
     env: Mapping[str, str] = os.environ, *, timeout_s: float | None = None
 ) -> DistributedInfo:

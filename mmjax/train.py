@@ -30,12 +30,18 @@ from tqdm import tqdm
 from mmjax import distributed, run_record
 from mmjax import sharding as shd
 from mmjax.checkpoint import Checkpointer, CheckpointError
-from mmjax.config_loading import ConfigError, load_config, split_config_flags, to_json
+from mmjax.config_loading import (
+    ConfigError,
+    from_json_file,
+    load_config,
+    split_config_flags,
+    to_json,
+)
 from mmjax.data.pipeline import train_batches
 from mmjax.data.preprocess import ImageOptions
 from mmjax.data.sources import make_source, parse_mixture
 from mmjax.data.stats import DataError, DataStats
-from mmjax.evaluate import Evaluator
+from mmjax.evals.suite import EvalSuite, named_blocks
 from mmjax.flops import peak_flops, train_flops_per_step
 from mmjax.losses import caption_loss
 from mmjax.metric_writer import MetricWriter
@@ -44,7 +50,7 @@ from mmjax.models.config import ModelConfig
 from mmjax.optimizer import learning_rate_schedule, make_optimizer
 from mmjax.preemption import StopRequests
 from mmjax.sharded_losses import sharded_contrastive_loss
-from mmjax.tokenizer import Tokenizer, load_or_train_tokenizer, read_captions
+from mmjax.tokenizer import Tokenizer, load_or_train_tokenizer, load_tokenizer, read_captions
 from mmjax.train_state import (
     HOST_MEMORY,
     TrainState,
@@ -54,6 +60,17 @@ from mmjax.train_state import (
 )
 
 PAD_ID = 0
+
+
+# The eval metrics printed under the progress bar (all are in metrics.jsonl).
+HEADLINE_EVAL_KEYS = (
+    "eval/i2t_r1",
+    "eval/t2i_r1",
+    "eval/i2t_r1_samecap",
+    "eval/caption_exact",
+    "eval/caption_bleu4",
+)
+HEADLINE_EVAL_SUFFIXES = ("/accuracy", "/cider", "/i2t_r1")
 
 
 class TrainingDiverged(RuntimeError):
@@ -250,10 +267,11 @@ def check_devices(
         )
         or "no axis"
     )
-    for key, value in (
-        ("batch_size", config.batch_size),
-        ("eval.batch_size", config.eval.batch_size),
-    ):
+    batch_sizes = [("batch_size", config.batch_size), ("eval.batch_size", config.eval.batch_size)]
+    for name, block in named_blocks(config).items():
+        if block.get("batch_size"):
+            batch_sizes.append((f"evals.{name}.batch_size", block["batch_size"]))
+    for key, value in batch_sizes:
         if value % data_parallel:
             raise ConfigError(
                 f"{key}={value} is not divisible by the data-parallel size "
@@ -325,6 +343,38 @@ def _finite_mean(values: list[float]) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
+# Model fields a run starting from init_from may set itself (numerics and memory only).
+INIT_FROM_RUN_KEYS = ("dtype", "remat", "remat_vision", "remat_text", "remat_decoder")
+
+
+def adopt_init_from(config: ml_collections.ConfigDict) -> None:
+    """Takes model.* (and the tokenizer, unless data.tokenizer is set) from init_from's
+    config.json, since the parameters must fit them; raises ConfigError in one line."""
+    source = Path(config.init_from) / "config.json"
+    if not source.is_file():
+        raise ConfigError(f"init_from={config.init_from}: {source} not found")
+    saved = from_json_file(source)
+    model = saved.model.to_dict()
+    for key in INIT_FROM_RUN_KEYS:
+        if key in config.model:
+            model[key] = config.model[key]
+    with config.unlocked():
+        config.model = ml_collections.ConfigDict(model)
+        if not config.data.tokenizer and saved.data.get("tokenizer", ""):
+            config.data.tokenizer = saved.data.tokenizer
+            config.data.tokenizer_type = saved.data.get("tokenizer_type", "sentencepiece")
+    try:
+        cfg = ModelConfig.from_mapping(model)
+        cfg.validate()
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"init_from={config.init_from}: model: {e}") from None
+    if not cfg.captioning and config.loss.caption_weight > 0:
+        raise ConfigError(
+            f"init_from={config.init_from} is a CLIP model without decoder: set "
+            "--config.loss.caption_weight=0 (or use configs/clip.py)"
+        )
+
+
 class Trainer:
     """Owns everything a run needs; `fit()` trains, `restore()` loads a checkpoint."""
 
@@ -334,6 +384,8 @@ class Trainer:
         self.config = config
         self.workdir = Path(workdir)
         self.is_chief = jax.process_index() == 0
+        if config.get("init_from", ""):
+            adopt_init_from(config)
         check_devices(config, jax.device_count())
         self.mesh = shd.make_mesh(dict(config.mesh))
         self.rules = shd.rules_from_config(config.sharding_rules)
@@ -367,7 +419,7 @@ class Trainer:
         self.checkpointer = Checkpointer(
             self.workdir / "checkpoints", max_to_keep=config.keep_checkpoints
         )
-        self.evaluator = Evaluator(
+        self.evaluator = EvalSuite(
             config, self.model, self.mesh, self.rules, self.tokenizer, workdir=self.workdir
         )
         self.state: TrainState | None = None
@@ -380,7 +432,10 @@ class Trainer:
         if for_eval or self.config.data.tokenizer:
             if not path.is_file():
                 raise FileNotFoundError(f"tokenizer {path} not found (data.tokenizer)")
-            tok = Tokenizer.load(path)
+            try:
+                tok = load_tokenizer(path, self.config.data.get("tokenizer_type", "sentencepiece"))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         else:  # Trained once from the training captions, then cached in the workdir.
             tok = load_or_train_tokenizer(
                 path,
@@ -395,6 +450,23 @@ class Trainer:
                 f"tokenizer's vocabulary ({tok.vocab_size}, {path})"
             )
         return tok
+
+    def _init_from(self, directory: str) -> TrainState:
+        """The fresh state with its params replaced by DIR's newest readable checkpoint's
+        (a training workdir or mmjax.convert's output); the optimizer state stays fresh."""
+        from mmjax.predict import restore_params
+
+        abstract = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            self.abstract_state.params,
+            self.state_shardings.params,
+        )
+        try:
+            step, params = restore_params(Path(directory) / "checkpoints", abstract, warn=self._log)
+        except CheckpointError as e:
+            raise CheckpointError(f"init_from={directory}: {e}") from None
+        self._log(f"initialised the parameters from {directory} (its step {step})")
+        return self.state.replace(params=params)
 
     def restore(self, step: int | None = None) -> int:
         """Restores `step` (default: the newest readable) onto this mesh; returns the step.
@@ -479,11 +551,14 @@ class Trainer:
             self.state = create_train_state(
                 self.model, self.tx, self.mesh, self.rules, cfg.seed, offload_opt_state=self.offload
             )
+            if cfg.get("init_from", ""):
+                self.state = self._init_from(cfg.init_from)
         start_step = int(jax.device_get(self.state.step))
 
         t0 = time.perf_counter()
         step_fn = self.compile_step()
         compile_seconds = time.perf_counter() - t0
+        distributed.align_processes("compiled")  # First step's collectives start together.
         with_captioning = cfg.loss.caption_weight > 0
         flops_per_step = train_flops_per_step(
             self.model_cfg, cfg.batch_size, with_captioning=with_captioning
@@ -548,7 +623,7 @@ class Trainer:
                 do_log = step % cfg.log_every == 0 or boundary
                 do_ckpt = step % cfg.checkpoint_every == 0 or boundary
                 # A preempted run saves first and skips the evaluation (its grace time is short).
-                do_eval = (step % cfg.eval_every == 0 or boundary) and not stopping
+                do_eval = (self.evaluator.due(step) or boundary) and not stopping
                 if not (do_log or do_ckpt or do_eval):
                     continue
                 window.append(self._checked(*pending))  # Never save a state whose loss is NaN.
@@ -584,7 +659,7 @@ class Trainer:
                         },
                     )
                 if do_eval:
-                    last_eval = self.evaluator.run(self.state.params)
+                    last_eval = self.evaluator.run(self.state.params, step, everything=boundary)
                     writer.write(step, last_eval)
                     if self.is_chief:  # A disabled bar still writes.
                         bar.write(
@@ -592,14 +667,7 @@ class Trainer:
                             + ", ".join(
                                 f"{k[5:]}={v:.3f}"
                                 for k, v in last_eval.items()
-                                if k
-                                in (
-                                    "eval/i2t_r1",
-                                    "eval/t2i_r1",
-                                    "eval/i2t_r1_samecap",
-                                    "eval/caption_exact",
-                                    "eval/caption_bleu4",
-                                )
+                                if k in HEADLINE_EVAL_KEYS or k.endswith(HEADLINE_EVAL_SUFFIXES)
                             )
                         )
                 window_start, window_steps = time.perf_counter(), 0  # Exclude eval/ckpt time.

@@ -385,9 +385,6 @@ def process_pids(workdir: Path, process_id: int) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.skip(
-    reason="gloo's fixed 30 s context set-up deadline fails on an overloaded 2-core host"
-)
 def test_two_processes_stop_together_on_sigterm_to_one(tmp_path, runs, cache_dir):
     """SIGTERM to process 1 only: JAX's preemption sync manager makes both processes stop
     after the same step, save it together and exit 0."""
