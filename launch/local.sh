@@ -43,7 +43,7 @@ fi
 py="$venv/bin/python"
 # The openclip extra (torch, open_clip) for mmjax.convert's tests: open_clip_torch and
 # torchvision without their dependencies, which would pull a multi-GB CUDA torch.
-openclip_pins="open_clip_torch==3.3.0 torchvision==0.28.0"
+openclip_pins="open_clip_torch==3.3.0 torchvision==0.28.0 transformers==4.46.3"
 openclip_stamp="$venv/.mmjax-openclip"
 openclip_want="$(printf '%s %s' "$want" "$openclip_pins" | sha256sum | cut -d' ' -f1)"
 if [ "$mode" = test ] && { [ ! -f "$openclip_stamp" ] || [ "$(cat "$openclip_stamp")" != "$openclip_want" ]; }; then

@@ -193,6 +193,15 @@ def test_keep_one_deletes_the_old_checkpoint_only_after_the_new_one_commits(tmp_
 # --- StopRequests -------------------------------------------------------------------------
 
 
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler during the test, whatever the worker process had."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("python_sigint")
 def test_signals_stop_at_the_next_step_and_handlers_are_restored():
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     asked = []

@@ -215,7 +215,7 @@ def torch_greedy(oc, images, cfg, bos, eos, pad, steps):
 
 
 def test_greedy_captions_match():
-    from mmjax.generate import generate
+    from mmjax.generate import GenerateOptions, generate
 
     config = coca_config(ctx=12, queries=5, dl=2, embed=48)
     config["text_cfg"]["vocab_size"] = config["multimodal_cfg"]["vocab_size"] = 40
@@ -230,6 +230,38 @@ def test_greedy_captions_match():
     )
     assert (got[:, : ref.shape[1]] == ref).all(), (got, ref)
     assert len({tuple(r) for r in ref}) > 1  # Different images, different captions.
+
+    # open_clip's own generate (needs transformers): top_k=1 sampling is greedy. It bans EOS
+    # while the sequence (with BOS) is shorter than min_seq_len, and with
+    # fixed_output_length ends every row with EOS at seq_len: compare the tokens before that.
+    pytest.importorskip("transformers")
+    length = cfg.context_length - 1
+    with torch.no_grad():
+        theirs = oc.generate(
+            torch_images(images, cfg),
+            generation_type="top_k",
+            top_k=1,
+            seq_len=length,
+            max_seq_len=length,
+            sot_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            min_seq_len=2,
+            fixed_output_length=True,
+        ).numpy()
+    ours = np.asarray(
+        generate(
+            CoCa(cfg),
+            params,
+            jnp.asarray(images),
+            bos_id=bos,
+            eos_id=eos,
+            pad_id=pad,
+            options=GenerateOptions(min_length=1),
+        )
+    )
+    assert theirs.shape == (4, length) and (theirs[:, -1] == eos).all()
+    assert (ours[:, : length - 1] == theirs[:, :-1]).all(), (ours, theirs)
 
 
 def test_clip_tokenizer_matches_open_clip():
@@ -308,7 +340,8 @@ def test_converted_workdir_predicts_and_fine_tunes(tmp_path):
          "--workdir", str(workdir), f"--config.init_from={out}", "--config.total_steps=20",
          "--config.batch_size=16", "--config.eval_every=1000", "--config.log_every=1",
          "--config.checkpoint_every=20", "--config.optimizer.warmup_steps=2",
-         "--config.optimizer.learning_rate=0.001"],
+         "--config.optimizer.learning_rate=0.001", "--config.data.eval_examples=32",
+         "--config.eval.batch_size=16", "--config.eval.caption_examples=8"],
         capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]

@@ -32,7 +32,14 @@ def label_ids(names: list[str], classes: list[str]) -> tuple[np.ndarray, int]:
 
 
 def scored(labels: np.ndarray, scores: np.ndarray, classes: list[str], out_dir, step: int):
-    """Scalar metrics of `scores` [N, C] against `labels` [N]; writes the confusion matrix."""
+    """Scalar metrics of `scores` [N, C] against `labels` [N]; writes the confusion matrix.
+
+    Non-finite scores (diverged weights that train.on_nan='skip' kept going) give NaN
+    metrics and no files: reported, not a crash."""
+    if not np.all(np.isfinite(scores)):
+        size = len(classes)
+        probe = classification_metrics(np.arange(size), np.eye(size), num_classes=size)
+        return {k: float("nan") for k in probe if k != "confusion_matrix"}
     result = classification_metrics(labels, scores, num_classes=len(classes))
     matrix = np.asarray(result.pop("confusion_matrix"))
     if out_dir is not None and jax.process_index() == 0:
