@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import regex
 
+from mmjax.tokenizer import caption_row, check_context_length, encode_rows
+
 MERGES = 49152 - 256 - 2  # CLIP uses the first 48894 merges of the file.
 BOS_TEXT, EOS_TEXT = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
@@ -145,26 +147,11 @@ class ClipBpeTokenizer:
     def encode(self, caption: str, context_length: int) -> tuple[np.ndarray, bool]:
         """int32 [context_length]: BOS, ids..., EOS, pad; and whether the caption was cut
         (then it still ends with EOS, as open_clip's tokenize does)."""
-        if context_length < 2:
-            raise ValueError(
-                f"context_length must be >= 2 to hold BOS and EOS, got {context_length}"
-            )
-        ids = self.encode_ids(caption)
-        truncated = len(ids) > context_length - 2
-        ids = ids[: context_length - 2]
-        row = np.full(context_length, self.pad_id, np.int32)
-        row[0] = self.bos_id
-        row[1 : 1 + len(ids)] = ids
-        row[1 + len(ids)] = self.eos_id
-        return row, truncated
+        check_context_length(context_length)
+        return caption_row(self.encode_ids(caption), context_length, self)
 
     def encode_batch(self, captions: Sequence[str], context_length: int) -> np.ndarray:
-        if isinstance(captions, str):
-            raise TypeError("encode_batch takes a sequence of captions, got a single str")
-        rows = [self.encode(caption, context_length)[0] for caption in captions]
-        if not rows:
-            return np.zeros((0, context_length), np.int32)
-        return np.stack(rows)
+        return encode_rows(self, captions, context_length)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Text of one row up to the first EOS; BOS and padding after EOS are dropped."""

@@ -26,6 +26,33 @@ import sentencepiece as spm
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
+def check_context_length(context_length: int) -> None:
+    if context_length < 2:
+        raise ValueError(f"context_length must be >= 2 to hold BOS and EOS, got {context_length}")
+
+
+def caption_row(ids: Sequence[int], context_length: int, tok) -> tuple[np.ndarray, bool]:
+    """The row layout every tokenizer shares: int32 [context_length] = BOS, ids, EOS, pad...
+    (ids cut so that EOS still fits), and whether they were cut."""
+    truncated = len(ids) > context_length - 2
+    ids = ids[: context_length - 2]
+    row = np.full(context_length, tok.pad_id, np.int32)
+    row[0] = tok.bos_id
+    row[1 : 1 + len(ids)] = ids
+    row[1 + len(ids)] = tok.eos_id
+    return row, truncated
+
+
+def encode_rows(tok, captions: Sequence[str], context_length: int) -> np.ndarray:
+    """int32 [len(captions), context_length]: tok.encode() of each caption."""
+    if isinstance(captions, str):
+        raise TypeError("encode_batch takes a sequence of captions, got a single str")
+    rows = [tok.encode(caption, context_length)[0] for caption in captions]
+    if not rows:
+        return np.zeros((0, context_length), np.int32)
+    return np.stack(rows)
+
+
 class Tokenizer:
     """Wraps a SentencePiece model with batch encoding to fixed-length rows."""
 
@@ -70,29 +97,14 @@ class Tokenizer:
         A caption with more than context_length - 2 pieces is cut so that the
         row still ends with EOS.
         """
-        if context_length < 2:
-            raise ValueError(
-                f"context_length must be >= 2 to hold BOS and EOS, got {context_length}"
-            )
+        check_context_length(context_length)
         # One call per caption: sentencepiece's list encode pays ~130 us of
         # thread-pool setup per call, 40x the cost of encoding one caption.
-        pieces = self._sp.encode(caption, out_type=int)
-        truncated = len(pieces) > context_length - 2
-        pieces = pieces[: context_length - 2]
-        row = np.full(context_length, self.pad_id, np.int32)
-        row[0] = self.bos_id
-        row[1 : 1 + len(pieces)] = pieces
-        row[1 + len(pieces)] = self.eos_id
-        return row, truncated
+        return caption_row(self._sp.encode(caption, out_type=int), context_length, self)
 
     def encode_batch(self, captions: Sequence[str], context_length: int) -> np.ndarray:
         """int32 [len(captions), context_length]: encode() of each caption."""
-        if isinstance(captions, str):
-            raise TypeError("encode_batch takes a sequence of captions, got a single str")
-        rows = [self.encode(caption, context_length)[0] for caption in captions]
-        if not rows:
-            return np.zeros((0, context_length), np.int32)
-        return np.stack(rows)
+        return encode_rows(self, captions, context_length)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Text of one row of ids, up to the first EOS; BOS and pad are dropped."""

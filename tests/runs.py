@@ -39,6 +39,10 @@ BASE = [
     "--config.data.eval_examples=64",
     "--config.eval.caption_examples=16",
     "--config.eval.batch_size=32",
+    # The named evaluators of configs/coca.py on a few examples (their code paths run; the
+    # figures of 8 steps mean nothing).
+    "--config.evals.captioning.examples=16",
+    "--config.evals.zeroshot.examples=32",
 ]
 MESH_8 = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
 MESH_FSDP_TENSOR = ["--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh.tensor=2"]
