@@ -11,9 +11,11 @@ accelerators and a measured matmul rate elsewhere (the CPU).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -42,7 +44,22 @@ def synthetic_batch(config, model_cfg: ModelConfig, seed: int = 0) -> dict[str, 
     return {"images": images, "tokens": tokens}
 
 
-def run(config, steps: int, warmup: int = 2) -> dict:
+@dataclasses.dataclass
+class PreparedStep:
+    """A compiled train step with its initial state and one device batch (benchmarks)."""
+
+    model_cfg: ModelConfig
+    mesh: Any
+    abstract: Any  # abstract train state (shapes, dtypes, shardings)
+    state: Any
+    step: Any  # the AOT-compiled train step
+    batch: dict[str, jax.Array]
+    compile_seconds: float
+
+
+def prepare_step(config) -> PreparedStep:
+    """Mesh, state and compiled step of `config`, as the trainer builds them, on a
+    synthetic batch."""
     check_devices(config, jax.device_count())
     mesh = shd.make_mesh(dict(config.mesh))
     rules = shd.rules_from_config(config.sharding_rules)
@@ -54,12 +71,20 @@ def run(config, steps: int, warmup: int = 2) -> dict:
     start = time.perf_counter()
     compiled = compile_train_step(config, model, tx, mesh, rules, abstract, shardings)
     compile_seconds = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     in_shardings = batch_shardings(mesh, rules)
     batch = {
         k: jax.device_put(v, in_shardings[k]) for k, v in synthetic_batch(config, model_cfg).items()
     }
+    return PreparedStep(model_cfg, mesh, abstract, state, compiled, batch, compile_seconds)
+
+
+def run(config, steps: int, warmup: int = 2) -> dict:
+    prepared = prepare_step(config)
+    model_cfg, mesh, abstract = prepared.model_cfg, prepared.mesh, prepared.abstract
+    state, compiled, batch = prepared.state, prepared.step, prepared.batch
+    compile_seconds = prepared.compile_seconds
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     for _ in range(warmup):
         state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)

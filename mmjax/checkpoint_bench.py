@@ -31,15 +31,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from mmjax import sharding as shd
-from mmjax.bench import synthetic_batch
+from mmjax.bench import prepare_step
 from mmjax.checkpoint import Checkpointer
 from mmjax.config_loading import ConfigError, load_config, split_config_flags
-from mmjax.models.coca import CoCa
-from mmjax.models.config import ModelConfig
-from mmjax.optimizer import make_optimizer
-from mmjax.train import batch_shardings, check_devices, compile_train_step
-from mmjax.train_state import create_train_state, state_shardings
 
 
 def disk_bytes(path: Path) -> int:
@@ -52,19 +46,13 @@ def _median(values: list[float]) -> float:
 
 def measure(config, steps: int, directory: Path, repeats: int = 3) -> dict:
     """Save/restore times and sizes, and the step time with and without saves."""
-    check_devices(config, jax.device_count())
-    mesh = shd.make_mesh(dict(config.mesh))
-    rules = shd.rules_from_config(config.sharding_rules)
-    model_cfg = ModelConfig.from_mapping(config.model.to_dict())
-    model = CoCa(model_cfg)
-    tx = make_optimizer(config)
-    abstract, shardings = state_shardings(model, tx, mesh, rules)
-    state = create_train_state(model, tx, mesh, rules, config.seed)
-    compiled = compile_train_step(config, model, tx, mesh, rules, abstract, shardings)
-    in_shardings = batch_shardings(mesh, rules)
-    batch = {
-        k: jax.device_put(v, in_shardings[k]) for k, v in synthetic_batch(config, model_cfg).items()
-    }
+    prepared = prepare_step(config)
+    abstract, state, compiled, batch = (
+        prepared.abstract,
+        prepared.state,
+        prepared.step,
+        prepared.batch,
+    )
     for _ in range(2):  # Warm-up.
         state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)

@@ -437,8 +437,10 @@ def make_generate_fn(
     eos_id: int,
     pad_id: int = 0,
     options: GenerateOptions = GenerateOptions(),
+    **jit_options,
 ):
-    """A jitted (params, images, rng=None) -> tokens function."""
+    """A jitted (params, images, rng=None) -> tokens function; `jit_options` (e.g.
+    in_shardings / out_shardings for a mesh) go to `jax.jit`."""
 
     def run(params, images, rng=None):
         return generate(
@@ -452,4 +454,4 @@ def make_generate_fn(
             rng=rng,
         )
 
-    return jax.jit(run)
+    return jax.jit(run, **jit_options)

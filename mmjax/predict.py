@@ -434,25 +434,16 @@ class Predictor:
         return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
 
     def _generator(self, options):
-        from mmjax.generate import generate
+        from mmjax.generate import make_generate_fn
 
         if options not in self._generators:
             tok = self._tokenizer()
-
-            def run(params, images, rng):
-                return generate(
-                    self.model,
-                    params,
-                    images,
-                    bos_id=tok.bos_id,
-                    eos_id=tok.eos_id,
-                    pad_id=tok.pad_id,
-                    options=options,
-                    rng=rng,
-                )
-
-            self._generators[options] = jax.jit(
-                run,
+            self._generators[options] = make_generate_fn(
+                self.model,
+                bos_id=tok.bos_id,
+                eos_id=tok.eos_id,
+                pad_id=tok.pad_id,
+                options=options,
                 in_shardings=(self._param_shardings, self._image_rows, self._replicated),
                 out_shardings=self._replicated,
             )

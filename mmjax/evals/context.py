@@ -24,7 +24,7 @@ from mmjax.data.pipeline import eval_batches
 from mmjax.data.preprocess import ImageOptions
 from mmjax.data.sources import make_source
 from mmjax.data.stats import DataStats
-from mmjax.generate import GenerateOptions, generate
+from mmjax.generate import GenerateOptions, make_generate_fn
 from mmjax.models.coca import CoCa
 from mmjax.tokenizer import Tokenizer
 
@@ -115,22 +115,13 @@ class EvalContext:
     def captioner(self, options: GenerateOptions):
         """A jitted (params, images, rng) -> tokens [B, L] for these generation options."""
         if options not in self._captioners:
-            tok, model = self.tokenizer, self.model
-
-            def fn(params, images, rng):
-                return generate(
-                    model,
-                    params,
-                    images,
-                    bos_id=tok.bos_id,
-                    eos_id=tok.eos_id,
-                    pad_id=tok.pad_id,
-                    options=options,
-                    rng=rng,
-                )
-
-            self._captioners[options] = jax.jit(
-                fn,
+            tok = self.tokenizer
+            self._captioners[options] = make_generate_fn(
+                self.model,
+                bos_id=tok.bos_id,
+                eos_id=tok.eos_id,
+                pad_id=tok.pad_id,
+                options=options,
                 in_shardings=(None, shd.batch_sharding(self.mesh, self.rules, 4), None),
                 out_shardings=shd.replicated(self.mesh),
             )
