@@ -609,7 +609,9 @@ def test_two_processes_join_through_the_launcher():
     for line in proc.stdout.splitlines():
         tag, _, rest = line.partition(" ")
         if rest.startswith("{"):
-            results[tag] = json.loads(rest)
+            # gloo's C++ log lines go to the same stdout unbuffered and can land right after
+            # the JSON on one line: read the leading JSON object only.
+            results[tag] = json.JSONDecoder().raw_decode(rest)[0]
     for pid in (0, 1):
         assert results[f"[p{pid}]"] == dict(
             source="explicit", same=True, pid=pid, count=2, devices=4, local=2, gathered=[0, 1]
