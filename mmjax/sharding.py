@@ -54,6 +54,12 @@ def _rules(embed: str | None, tensor: str | None) -> tuple[tuple[str, Any], ...]
         ("patch", None),
         ("layers", None),
         ("norm", None),
+        # Convolutions (mmjax/models/resnet.py): kernels [kh, kw, conv_in, conv_out] split like
+        # a Dense kernel [embed, mlp] (input channels over fsdp, output channels over tensor);
+        # feature maps [batch, h, w, act_conv] keep their channels where conv_out put them.
+        ("conv_in", embed),
+        ("conv_out", tensor),
+        ("act_conv", tensor),
     )
 
 

@@ -58,10 +58,11 @@ def test_presets_share_logical_names_and_default_is_fsdp_tensor():
     "preset, sharded",
     [
         ("data_parallel", {"batch"}),
-        ("fsdp", {"batch", "embed"}),
+        ("fsdp", {"batch", "embed", "conv_in"}),
         (
             "fsdp_tensor",
-            {"batch", "embed", "heads", "mlp", "vocab", "act_heads", "act_mlp", "act_vocab"},
+            {"batch", "embed", "heads", "mlp", "vocab", "act_heads", "act_mlp", "act_vocab"}
+            | {"conv_in", "conv_out", "act_conv"},
         ),
     ],
 )
@@ -71,7 +72,8 @@ def test_each_preset_splits_exactly_its_names(preset, sharded):
     assert {name for name, axes in rules if axes is not None} == sharded
     if "embed" in sharded:
         assert _rule(rules, "embed") == "fsdp"
-    for name in ("heads", "mlp", "vocab"):
+        assert _rule(rules, "conv_in") == "fsdp"  # Conv input channels split like embed.
+    for name in ("heads", "mlp", "vocab", "conv_out", "act_conv"):
         assert _rule(rules, name) == ("tensor" if preset == "fsdp_tensor" else None)
 
 

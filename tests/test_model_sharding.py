@@ -22,6 +22,7 @@ from mmjax.train_state import dummy_batch
 
 REPO = Path(__file__).resolve().parents[1]
 KNOWN_NAMES = {"embed", "mlp", "heads", "kv", "vocab", "layers", "norm", "patch", "joint", None}
+KNOWN_NAMES |= {"conv_in", "conv_out"}  # ResNet kernels (model.image_encoder='resnet').
 SCALARS = {"logit_scale", "logit_bias"}
 
 

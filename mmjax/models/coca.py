@@ -7,9 +7,10 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models.config import ModelConfig
+from mmjax.models.fusion import PrefixLMDecoder
 from mmjax.models.layers import Dense, partitioned
 from mmjax.models.text import MultimodalDecoder, TextEncoder
-from mmjax.models.vit import ImageEncoder
+from mmjax.models.towers import image_tower
 
 Array = jax.Array
 
@@ -23,7 +24,10 @@ class CoCa(nn.Module):
     """The whole model. `tokens` are full captions [B, L]: BOS ... EOS PAD...
 
     The text towers read tokens[:, :-1] (so the CLS slot makes L positions) and
-    the decoder predicts tokens[:, 1:] (teacher forcing).
+    the decoder predicts tokens[:, 1:] (teacher forcing). model.fusion picks the
+    decoder: cross-attention to the caption tokens (MultimodalDecoder), or a
+    prefix-LM stack over [image prefix; text] (fusion.PrefixLMDecoder: the caption
+    tokens for 'early', the pooled image vector for 'late').
     """
 
     cfg: ModelConfig
@@ -31,10 +35,13 @@ class CoCa(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.image_encoder = ImageEncoder(cfg)
+        self.image_encoder = image_tower(cfg)
         self.text_encoder = TextEncoder(cfg, decode=self.decode)
         if cfg.captioning:  # Plain CLIP has no decoder.
-            self.decoder = MultimodalDecoder(cfg, decode=self.decode)
+            if cfg.fusion == "cross_attention":
+                self.decoder = MultimodalDecoder(cfg, decode=self.decode)
+            else:
+                self.decoder = PrefixLMDecoder(cfg, decode=self.decode)
         self.image_proj = Dense(cfg, cfg.embed_dim, ("embed", "joint"), "image_proj", False)
         self.text_proj = Dense(cfg, cfg.embed_dim, ("embed", "joint"), "text_proj", False)
         self.logit_scale = self.param(
@@ -51,8 +58,14 @@ class CoCa(nn.Module):
         )
 
     def encode_image(self, images: Array) -> tuple[Array, Array | None]:
-        """-> (L2-normalised embedding [B, E] in f32, caption tokens [B, N, W] or None)."""
+        """-> (L2-normalised embedding [B, E] in f32, caption tokens [B, N, W] or None).
+
+        The second value is what the decoder reads about the image; with model.fusion='late'
+        that is the pooled vector before image_proj, as one token [B, 1, W] (the towers then
+        build no caption pooler)."""
         pooled, caption_tokens = self.image_encoder(images)
+        if self.cfg.fusion == "late" and self.cfg.captioning:
+            caption_tokens = pooled[:, None]
         return l2_normalise(self.image_proj(pooled)), caption_tokens
 
     def encode_text(self, tokens: Array) -> tuple[Array, Array]:
@@ -84,8 +97,10 @@ class CoCa(nn.Module):
     def decode_step(self, tokens: Array, caption_tokens: Array | None) -> Array:
         """Decode mode: logits for the new positions of `tokens` [B, t].
 
-        Pass the image's caption tokens on the first call (their keys/values are
-        projected once and cached), None afterwards.
+        Pass the image's caption tokens (encode_image's second value) on the first call,
+        None afterwards: cross-attention projects their keys/values once and caches them;
+        the prefix-LM decoders (fusion 'early'/'late') feed them into the self-attention
+        cache ahead of the first text positions, so passing them again would repeat them.
         """
         if not self.cfg.captioning:
             raise ValueError("this model has no decoder (model.captioning=False)")

@@ -26,6 +26,17 @@ VIT_POOLS = ("two_poolers", "shared_queries", "class_token")
 TEXT_POOLS = ("cls", "argmax")
 TEXT_MASKS = ("pad_keys", "open_clip")
 DECODER_BLOCKS = ("fused", "split")
+# How image and text meet (see mmjax/models/coca.py): cross_attention = CoCa's decoder
+# cross-attends to the image tokens; early = one prefix-LM stream over image + text tokens;
+# late = the decoder sees the pooled image embedding only, as one prefix token.
+FUSIONS = ("cross_attention", "early", "late")
+IMAGE_ENCODERS = ("vit", "resnet")
+# ResNet stem (mmjax/models/resnet.py): imagenet = 7x7/2 conv + 3x3/2 max-pool (stride 4, the
+# ResNet-50 stem); small = one 3x3/1 conv, no pool (stride 1, CIFAR-style, for 32-64 px);
+# auto = imagenet when that leaves a final map of >= RESNET_MIN_GRID per side, else small.
+RESNET_STEMS = ("auto", "imagenet", "small")
+RESNET_MIN_GRID = 4  # The last feature map must keep >= 4x4 image tokens for the poolers.
+INPUT_KINDS = ("image", "video")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +94,23 @@ class ModelConfig:
     # with one MLP each and a LayerNorm on the image tokens (open_clip's decoder).
     decoder_block: str = "fused"
     captioning: bool = True  # False: no decoder (plain CLIP).
+    # Ablation axes (issue 7). The decoder of every fusion has decoder_layers blocks.
+    fusion: str = "cross_attention"
+    image_encoder: str = "vit"  # vit | resnet (then patch_size/vit_layers are unused)
+    # ResNet-50 style bottleneck stages: blocks per stage; stage i has resnet_width * 2**i
+    # channels inside its bottlenecks and 4x that at its output. Every stage after the first
+    # halves the map, so the last map (its side: the property resnet_grid) has side
+    # image_size / (stem stride * 2**(stages - 1)), rounded up, and must be >= 4.
+    resnet_blocks: tuple[int, ...] = (3, 4, 6, 3)
+    resnet_width: int = 64  # Even: GroupNorm groups and tensor sharding split channels.
+    # auto | imagenet (7x7/2 conv + max-pool: stride 4) | small (3x3/1 conv: stride 1);
+    # auto = imagenet when it keeps a >= 4x4 map (128 px and up with 4 stages), else small.
+    resnet_stem: str = "auto"
+    # image: batches carry images [B, H, W, 3]; video: clips [B, video_frames, H, W, 3],
+    # every frame through the image encoder, then video_layers temporal blocks.
+    input_kind: str = "image"
+    video_frames: int = 4
+    video_layers: int = 2
 
     @property
     def compute_dtype(self):
@@ -100,6 +128,28 @@ class ModelConfig:
     def vit_positions(self) -> int:
         return self.num_patches + int(self.vit_class_token)
 
+    @property
+    def resnet_stem_layout(self) -> str:
+        """model.resnet_stem with 'auto' resolved: 'imagenet' or 'small'."""
+        if self.resnet_stem != "auto":
+            return self.resnet_stem
+        imagenet = dataclasses.replace(self, resnet_stem="imagenet")
+        return "imagenet" if imagenet.resnet_grid >= RESNET_MIN_GRID else "small"
+
+    @property
+    def resnet_grid(self) -> int:
+        """Side of the ResNet's last feature map (its image tokens: resnet_grid**2).
+
+        Every stride-2 conv/pool pads (k-1)/2 on each side, so it maps n pixels to ceil(n/2).
+        """
+        side = self.image_size
+        halvings = max(len(self.resnet_blocks) - 1, 0)
+        if self.resnet_stem_layout == "imagenet":
+            halvings += 2  # 7x7/2 conv, 3x3/2 max-pool.
+        for _ in range(halvings):
+            side = -(-side // 2)
+        return side
+
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
@@ -107,6 +157,8 @@ class ModelConfig:
         for key in ("image_mean", "image_std"):
             if key in kwargs:
                 kwargs[key] = tuple(float(x) for x in kwargs[key])
+        if "resnet_blocks" in kwargs:
+            kwargs["resnet_blocks"] = tuple(int(x) for x in kwargs["resnet_blocks"])
         return cls(**kwargs)
 
     def remat_for(self, tower: str) -> str:
@@ -125,7 +177,7 @@ class ModelConfig:
             value = getattr(self, key)
             if value not in REMAT_POLICIES and not (key != "remat" and value == ""):
                 raise ValueError(f"model.{key}={value!r} is unknown; allowed: {REMAT_POLICIES}")
-        if self.image_size % self.patch_size:
+        if self.image_encoder != "resnet" and self.image_size % self.patch_size:
             raise ValueError(
                 f"model.image_size={self.image_size} is not divisible by "
                 f"model.patch_size={self.patch_size}"
@@ -148,6 +200,10 @@ class ModelConfig:
             ("text_pool", TEXT_POOLS),
             ("text_mask", TEXT_MASKS),
             ("decoder_block", DECODER_BLOCKS),
+            ("fusion", FUSIONS),
+            ("image_encoder", IMAGE_ENCODERS),
+            ("resnet_stem", RESNET_STEMS),
+            ("input_kind", INPUT_KINDS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(
@@ -155,19 +211,69 @@ class ModelConfig:
                 )
         if self.vit_pool == "class_token" and not self.vit_class_token:
             raise ValueError("model.vit_pool='class_token' needs model.vit_class_token=True")
-        if self.captioning and (self.vit_pool == "class_token" or self.text_pool == "argmax"):
+        # fusion='late' captions from the pooled vector, so class_token pooling serves it too.
+        no_caption_tokens = self.vit_pool == "class_token" and self.fusion != "late"
+        if self.captioning and (no_caption_tokens or self.text_pool == "argmax"):
             raise ValueError(
                 "model.captioning=True needs caption tokens and a CLS text pool: set "
-                "model.vit_pool to two_poolers/shared_queries and model.text_pool='cls'"
+                "model.vit_pool to two_poolers/shared_queries (or model.fusion='late') and "
+                "model.text_pool='cls'"
             )
         if (self.pool_width or self.vit_width) % (self.pool_heads or self.vit_heads):
             raise ValueError(
                 f"model.pool_width={self.pool_width} is not divisible by "
                 f"model.pool_heads={self.pool_heads}"
             )
-        for name in ("vit_layers", "text_layers", "decoder_layers", "caption_queries", "embed_dim"):
+        for name in (
+            "vit_layers",
+            "text_layers",
+            "decoder_layers",
+            "caption_queries",
+            "embed_dim",
+            "resnet_width",
+            "video_frames",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1")
+        if not self.resnet_blocks or min(self.resnet_blocks) < 1:
+            raise ValueError(
+                f"model.resnet_blocks={self.resnet_blocks} needs one or more stages of >= 1 block"
+            )
+        if self.image_encoder == "resnet":
+            self._validate_resnet()
+        if self.video_layers < 0:
+            raise ValueError(f"model.video_layers={self.video_layers} must be >= 0")
+        if self.fusion != "cross_attention" and self.decoder_block != "fused":
+            raise ValueError(
+                f"model.decoder_block={self.decoder_block!r} is a cross-attention layout; "
+                f"model.fusion={self.fusion!r} needs decoder_block='fused'"
+            )
+
+    def _validate_resnet(self) -> None:
+        if self.resnet_width % 2:
+            raise ValueError(
+                f"model.resnet_width={self.resnet_width} must be even (GroupNorm groups of >= 2 "
+                f"channels, channels split over the tensor axis)"
+            )
+        if self.vit_pool != "two_poolers" or self.vit_class_token:
+            raise ValueError(
+                f"model.vit_pool={self.vit_pool!r} (vit_class_token={self.vit_class_token}) is "
+                f"a ViT layout; model.image_encoder='resnet' pools with 'two_poolers' only"
+            )
+        grid = self.resnet_grid
+        if grid < RESNET_MIN_GRID:
+            layout = self.resnet_stem_layout
+            hint = (
+                "use model.resnet_stem='small', fewer stages or larger images"
+                if layout == "imagenet"
+                else "use fewer stages or larger images"
+            )
+            raise ValueError(
+                f"model.resnet_stem={self.resnet_stem!r} ({layout} stem) with "
+                f"{len(self.resnet_blocks)} stages leaves a {grid}x{grid} feature map from "
+                f"model.image_size={self.image_size}; it needs >= "
+                f"{RESNET_MIN_GRID}x{RESNET_MIN_GRID}: {hint}"
+            )
 
 
 def _size(**kw) -> dict[str, Any]:

@@ -83,6 +83,20 @@ class Mlp(nn.Module):
         return constrain(y, ("batch", "length", "act_embed"))
 
 
+def prefix_lm_mask(
+    queries: int, keys: int, *, offset: Array | int = 0, prefix: Array | int = 0
+) -> Array:
+    """[1, 1, queries, keys] bools: query i (absolute position offset + i) sees keys
+    0..offset+i (causal) and every key below `prefix` (a bidirectional prefix).
+
+    prefix=0 is the plain causal mask; a query inside the prefix sees the whole prefix and
+    nothing after it, since every later key is also later than the query.
+    """
+    query_pos = offset + jnp.arange(queries)[:, None]
+    key_pos = jnp.arange(keys)[None, :]
+    return ((key_pos <= query_pos) | (key_pos < prefix))[None, None]
+
+
 class Attention(nn.Module):
     """Multi-head attention through `jax.nn.dot_product_attention`.
 
@@ -90,12 +104,16 @@ class Attention(nn.Module):
     mode self-attention keeps a KV cache (keys/values of all earlier positions)
     and cross-attention stores the projected context once (on the call that
     passes `context`) and reuses it on later calls (which pass None).
+    `prefix` (decode mode only; outside it the caller's mask rules): cache positions
+    below it are visible to every query, so a prefix-LM's bidirectional prefix can be
+    fed together with the first text token (see mmjax.models.fusion).
     """
 
     cfg: ModelConfig
     num_heads: int
     cross: bool = False
     decode: bool = False
+    prefix: int = 0
 
     def _project(self, x: Array, width: int, parts: int, name: str) -> list[Array]:
         """[B, T, D] -> `parts` arrays [B, T, heads, head_dim] from one fused matmul.
@@ -183,32 +201,33 @@ class Attention(nn.Module):
         index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
         new = k.shape[1]
         max_len = cached_k.value.shape[1]
-        if not initialised:  # Shape-defining call: plain causal attention.
-            return k, v, nn.make_causal_mask(jnp.ones(k.shape[:2], bool), dtype=bool)
+        if not initialised:  # Shape-defining call: attention within the call.
+            return k, v, prefix_lm_mask(new, new, prefix=self.prefix)
         start = index.value
         cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, start, 0, 0))
         cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, start, 0, 0))
         index.value = start + new
-        # Query i (absolute position start+i) sees keys 0..start+i.
-        query_pos = start + jnp.arange(new)[:, None]
-        key_pos = jnp.arange(max_len)[None, :]
-        mask = (key_pos <= query_pos)[None, None]
+        mask = prefix_lm_mask(new, max_len, offset=start, prefix=self.prefix)
         return cached_k.value, cached_v.value, mask
 
 
 class EncoderBlock(nn.Module):
-    """Pre-LN block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-LN block: x + attn(ln(x)), then x + mlp(ln(x)). `prefix`: see Attention."""
 
     cfg: ModelConfig
     num_heads: int
     mlp_dim: int
     decode: bool = False
+    prefix: int = 0
 
     @nn.compact
     def __call__(self, x: Array, mask: Array | None) -> tuple[Array, None]:
         x = constrain(x, ("batch", "length", "act_embed"))
         h = LayerNorm(self.cfg, name="ln_attn")(x)
-        x = x + Attention(self.cfg, self.num_heads, decode=self.decode, name="attn")(h, mask=mask)
+        attn = Attention(
+            self.cfg, self.num_heads, decode=self.decode, prefix=self.prefix, name="attn"
+        )
+        x = x + attn(h, mask=mask)
         h = LayerNorm(self.cfg, name="ln_mlp")(x)
         x = x + Mlp(self.cfg, self.mlp_dim, name="mlp")(h)
         return x, None

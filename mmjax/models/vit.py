@@ -68,6 +68,8 @@ class ImageEncoder(nn.Module):
 
     Returns the contrastive vector [B, W] and the caption tokens [B, caption_queries, W]
     (None for class_token pooling); W is vit_width, or pool_width for shared_queries.
+    With model.fusion='late' the decoder reads the pooled vector only, so no caption pooler
+    is built and the caption tokens are None (every image tower follows this rule).
     """
 
     cfg: ModelConfig
@@ -113,17 +115,20 @@ class ImageEncoder(nn.Module):
         )(x, None)
         if cfg.vit_pool == "class_token":
             return LayerNorm(cfg, name="ln_post")(x[:, 0]), None
+        late = cfg.fusion == "late"  # No caption tokens: the N caption queries would be unused.
         if cfg.vit_pool == "shared_queries":
             pooled = AttentionalPooler(
                 cfg,
-                cfg.caption_queries + 1,
+                1 if late else cfg.caption_queries + 1,
                 width=cfg.pool_width,
                 heads=cfg.pool_heads,
                 norm_queries=True,
                 name="pool",
             )(x)
-            return pooled[:, 0], pooled[:, 1:]
+            return pooled[:, 0], None if late else pooled[:, 1:]
         x = LayerNorm(cfg, name="ln_final")(x)
         contrastive = AttentionalPooler(cfg, 1, name="contrastive_pool")(x)[:, 0]
+        if late:
+            return contrastive, None
         caption_tokens = AttentionalPooler(cfg, cfg.caption_queries, name="caption_pool")(x)
         return contrastive, caption_tokens

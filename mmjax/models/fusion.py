@@ -1,0 +1,79 @@
+"""The single-stream caption decoder of model.fusion='early' and 'late' (config.FUSIONS).
+
+Instead of CoCa's cross-attention (mmjax/models/text.py), image tokens are put in front of the
+unimodal text features and one self-attention stack reads the joint sequence under a prefix-LM
+mask: image positions see every image position and no text, text positions see every image
+position and the text causally. The two fusions differ only in what the prefix holds:
+
+- early: the image tower's caption tokens [B, N, W] (token-level interaction in every layer);
+- late: the pooled image vector (before image_proj) as one token [B, 1, W], which
+  CoCa.encode_image hands over in place of caption tokens; with one prefix token the mask
+  is plain causal.
+
+Logits come from the text positions only, so the output is [B, T, vocab] as for
+cross-attention and the caption loss does not change.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models.config import ModelConfig
+from mmjax.models.layers import (
+    Dense,
+    EncoderBlock,
+    LayerNorm,
+    Stack,
+    constrain,
+    prefix_lm_mask,
+)
+
+Array = jax.Array
+
+
+class PrefixLMDecoder(nn.Module):
+    """Image prefix + text features -> one pre-LN stack of decoder_layers blocks -> LM head.
+
+    __call__(text_features [B, T, text_width], image_tokens [B, N, W] or None) -> logits
+    [B, T, vocab]. In decode mode the image tokens come on the first call only: they enter the
+    self-attention KV cache together with that call's text positions (the cache is sized by
+    the initialising call for N + its text length); later calls pass None and one or more
+    new text positions, for which causal attention over the cache already covers the prefix.
+    """
+
+    cfg: ModelConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, text_features: Array, image_tokens: Array | None) -> Array:
+        cfg = self.cfg
+        if image_tokens is None and not self.decode:
+            raise ValueError(f"model.fusion={cfg.fusion!r} needs the image tokens")
+        prefix = 0 if image_tokens is None else image_tokens.shape[1]
+        x = text_features
+        if image_tokens is not None:
+            # The image towers' width (vit_width, pool_width, ...) -> the text stream's width.
+            image = Dense(cfg, cfg.text_width, ("embed", "joint"), "image_to_text")(image_tokens)
+            x = jnp.concatenate([image.astype(x.dtype), x], axis=1)
+        x = constrain(x, ("batch", "length", "act_embed"))
+        # Decode mode: the KV cache builds the same mask from `prefix` (layers.Attention).
+        mask = None if self.decode else prefix_lm_mask(x.shape[1], x.shape[1], prefix=prefix)
+        x = Stack(
+            cfg,
+            EncoderBlock,
+            cfg.decoder_layers,
+            dict(
+                num_heads=cfg.text_heads,
+                mlp_dim=cfg.text_mlp_dim,
+                decode=self.decode,
+                prefix=prefix,
+            ),
+            remat=cfg.remat_for("decoder"),
+            name="blocks",
+        )(x, mask)
+        # Image positions predict nothing: the LM head reads the text positions only.
+        x = LayerNorm(cfg, name="ln_final")(x[:, prefix:])
+        logits = Dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")(x)
+        return constrain(logits, ("batch", "length", "act_vocab"))
