@@ -25,6 +25,7 @@ from mmjax.config_loading import ConfigError, load_config, split_config_flags
 from mmjax.flops import peak_flops, train_flops_per_step
 from mmjax.models.coca import CoCa
 from mmjax.models.config import ModelConfig
+from mmjax.models.video import input_shape
 from mmjax.optimizer import make_optimizer
 from mmjax.train import batch_shardings, check_devices, compile_train_step
 from mmjax.train_state import create_train_state, state_shardings
@@ -33,8 +34,8 @@ from mmjax.train_state import create_train_state, state_shardings
 def synthetic_batch(config, model_cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """Random pixels and captions with a realistic amount of padding."""
     rng = np.random.default_rng(seed)
-    b, s, length = config.batch_size, model_cfg.image_size, model_cfg.context_length
-    images = rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8)
+    b, length = config.batch_size, model_cfg.context_length
+    images = rng.integers(0, 256, (b, *input_shape(model_cfg)), dtype=np.uint8)
     tokens = rng.integers(4, model_cfg.vocab_size, (b, length), dtype=np.int32)
     lengths = rng.integers(length // 2, length + 1, b)
     tokens[:, 0] = 2
@@ -71,7 +72,7 @@ def prepare_step(config) -> PreparedStep:
     start = time.perf_counter()
     compiled = compile_train_step(config, model, tx, mesh, rules, abstract, shardings)
     compile_seconds = time.perf_counter() - start
-    in_shardings = batch_shardings(mesh, rules)
+    in_shardings = batch_shardings(mesh, rules, model_cfg)
     batch = {
         k: jax.device_put(v, in_shardings[k]) for k, v in synthetic_batch(config, model_cfg).items()
     }

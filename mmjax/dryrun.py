@@ -37,6 +37,7 @@ from mmjax.config_loading import ConfigError, load_config, split_config_flags
 from mmjax.flops import train_flops_per_step
 from mmjax.models.coca import CoCa
 from mmjax.models.config import ModelConfig
+from mmjax.models.video import input_shape
 from mmjax.optimizer import make_optimizer
 from mmjax.train import batch_shardings, check_devices, compile_train_step
 from mmjax.train_state import state_shardings
@@ -157,11 +158,11 @@ def dry_run(config, *, simulated: bool, hbm_gib: float | None = None, top: int =
     compiled = compile_train_step(config, model, tx, mesh, rules, abstract, shardings)
     compile_seconds = time.perf_counter() - start
 
-    in_batch = batch_shardings(mesh, rules)
-    size, length = model_cfg.image_size, model_cfg.context_length
+    in_batch = batch_shardings(mesh, rules, model_cfg)
+    length = model_cfg.context_length
     batch = {
         "images": jax.ShapeDtypeStruct(
-            (config.batch_size, size, size, 3), jnp.uint8, sharding=in_batch["images"]
+            (config.batch_size, *input_shape(model_cfg)), jnp.uint8, sharding=in_batch["images"]
         ),
         "tokens": jax.ShapeDtypeStruct(
             (config.batch_size, length), jnp.int32, sharding=in_batch["tokens"]

@@ -13,6 +13,8 @@ optimizer state, no training data). Images are paths (decoded with the eval prep
 the centre square, resized to the model's image size), PIL images or uint8 [H, W, 3] arrays.
 An unreadable image raises `BadImage` naming it; `image_batches` / `embed_image_batches`
 report bad images instead, for callers that skip and count them (`mmjax.search index`).
+A video model (model.input_kind='video') takes clips wherever images are taken: a folder of
+frames, a stack file (.npy, GIF, TIFF) or a uint8 [N, H, W, 3] array each (mmjax.data.clips).
 
 Each jitted function compiles once per batch shape: a call pads its batches to one shape
 (`batch_size` rows, or a smaller power-of-two multiple of the data-parallel size when the
@@ -40,10 +42,13 @@ from PIL import Image
 from mmjax import sharding as shd
 from mmjax.checkpoint import Checkpointer, CheckpointError, _reason
 from mmjax.config_loading import from_json_file
+from mmjax.data.clips import load_clip, read_frame_folder
+from mmjax.data.csv_source import read_file
 from mmjax.data.preprocess import ImageOptions, load_image
 from mmjax.data.records import BadSample
 from mmjax.models.coca import CoCa
 from mmjax.models.config import ModelConfig
+from mmjax.models.video import input_frames, input_shape
 from mmjax.tokenizer import Tokenizer, load_tokenizer
 from mmjax.train_state import dummy_batch
 from mmjax.zeroshot import class_embeddings
@@ -75,8 +80,38 @@ def image_name(item: Any, position: int) -> str:
     return str(item) if isinstance(item, str | os.PathLike) else f"#{position} (in memory)"
 
 
+def read_clip(item: ImageInput, options: ImageOptions, position: int = 0) -> np.ndarray:
+    """One input clip -> uint8 [T, S, S, 3] with the eval preprocessing; raises BadImage.
+
+    A clip is a folder of frames, a stack file (.npy, GIF, TIFF, ...; see mmjax.data.clips)
+    or a uint8 [N, H, W, 3] array."""
+    name = image_name(item, position)
+    try:
+        if isinstance(item, str | os.PathLike):
+            if os.path.isdir(item):
+                item = read_frame_folder(str(item), options.frames, read_file)
+            else:
+                try:
+                    item = Path(item).read_bytes()
+                except OSError as e:
+                    raise BadImage(name, e.strerror or type(e).__name__) from None
+        elif not isinstance(item, np.ndarray):
+            raise BadImage(
+                name, f"expected a folder, a stack file or a uint8 array, got {type(item).__name__}"
+            )
+        return load_clip(item, options)
+    except BadSample as e:
+        raise BadImage(name, str(e)) from None
+    except ValueError as e:
+        raise BadImage(name, str(e).removeprefix("load_clip: ")) from None
+
+
 def read_image(item: ImageInput, options: ImageOptions, position: int = 0) -> np.ndarray:
-    """One input image -> uint8 [S, S, 3] with the eval preprocessing; raises BadImage."""
+    """One input image -> uint8 [S, S, 3] with the eval preprocessing; raises BadImage.
+
+    With options.frames (a video model) one input is a clip: see read_clip."""
+    if options.frames:
+        return read_clip(item, options, position)
     name = image_name(item, position)
     if isinstance(item, str | os.PathLike):
         try:
@@ -123,18 +158,18 @@ def image_batches(
                     positions.append(i)
                 except BadImage as e:
                     bad.append((i, e))
-            size = options.image_size
-            array = np.stack(decoded) if decoded else np.zeros((0, size, size, 3), np.uint8)
+            array = np.stack(decoded) if decoded else np.zeros((0, *options.shape), np.uint8)
             yield ImageBatch(positions, array, bad)
 
 
 def missing_file(paths: Sequence[str | os.PathLike]) -> str | None:
     """A one-line error for the first path that is not a readable file, else None.
 
-    Cheap (no decoding): CLIs call it before loading a model.
+    Cheap (no decoding): CLIs call it before loading a model. A folder passes (a video
+    model's clip of frames; an image model reports it when it reads it).
     """
     for path in paths:
-        if not os.path.isfile(path):
+        if not (os.path.isfile(path) or os.path.isdir(path)):
             return f"cannot read image {path}: no such file"
         if not os.access(path, os.R_OK):
             return f"cannot read image {path}: permission denied"
@@ -244,11 +279,12 @@ class Predictor:
         self.workdir = Path(workdir).resolve() if workdir is not None else None
         self.step = step
         self.image_options = image_options or ImageOptions(
-            image_size=model.cfg.image_size, train=False
+            image_size=model.cfg.image_size, train=False, frames=input_frames(model.cfg)
         )
         self.data_parallel = shd.data_parallel_size(mesh, rules)
         rows = lambda ndim: shd.batch_sharding(mesh, rules, ndim)
-        self._image_rows, self._text_rows = rows(4), rows(2)
+        # Images [B, S, S, 3], or clips [B, T, S, S, 3] for a video model.
+        self._image_rows, self._text_rows = rows(1 + len(input_shape(model.cfg))), rows(2)
         self._replicated = shd.replicated(mesh)
         param_shardings = jax.tree.map(lambda x: x.sharding, params)
         self._param_shardings = param_shardings
@@ -302,6 +338,7 @@ class Predictor:
             image_size=model_cfg.image_size,
             train=False,
             max_pixels=config.data.get("max_image_pixels", 100_000_000),
+            frames=input_frames(model_cfg),
         )
         return cls(
             model,
@@ -369,8 +406,12 @@ class Predictor:
         """Decoded batches of `images` (bad ones reported in each batch, not raised)."""
         self._check_batch_size(batch_size)
         if isinstance(images, str | os.PathLike | Image.Image) or (
-            isinstance(images, np.ndarray) and images.ndim != 4
+            isinstance(images, np.ndarray) and images.ndim != 1 + len(self.image_options.shape)
         ):
+            if self.image_options.frames:
+                raise TypeError(
+                    "pass a list of clips (or a uint8 [N, T, H, W, 3] array), not a single clip"
+                )
             raise TypeError(
                 "pass a list of images (or a uint8 [N, H, W, 3] array), not a single image"
             )
@@ -397,8 +438,8 @@ class Predictor:
             if batch.bad:
                 raise batch.bad[0][1]
             out.append(batch.images)
-        size = self.image_options.image_size
-        return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)
+        shape = self.image_options.shape
+        return np.concatenate(out) if out else np.zeros((0, *shape), np.uint8)
 
     def embed_images(
         self, images: Sequence[ImageInput], batch_size: int = 64, progress: bool = False

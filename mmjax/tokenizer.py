@@ -245,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     )
     try:
-        source = make_source(args.source, split="train", data=data, image_size=32)
+        source = make_source(args.source, split="train", data=data, image_size=32, frames=None)
         captions = read_captions([source], args.max_captions, progress=True)
         tokenizer = train_tokenizer(captions, args.out, args.vocab_size)
     except (ValueError, FileNotFoundError) as error:

@@ -47,6 +47,7 @@ from mmjax.losses import caption_loss
 from mmjax.metric_writer import MetricWriter
 from mmjax.models.coca import CoCa
 from mmjax.models.config import ModelConfig
+from mmjax.models.video import input_frames, input_shape
 from mmjax.optimizer import learning_rate_schedule, make_optimizer
 from mmjax.preemption import StopRequests
 from mmjax.sharded_losses import sharded_contrastive_loss
@@ -284,9 +285,11 @@ def check_devices(
     return layout.shape
 
 
-def batch_shardings(mesh, rules) -> dict[str, Any]:
+def batch_shardings(mesh, rules, model_cfg: ModelConfig | None = None) -> dict[str, Any]:
+    """Rows over the batch axes: images [B, S, S, 3], or clips [B, T, S, S, 3] for video."""
+    image_ndim = 1 + len(input_shape(model_cfg)) if model_cfg is not None else 4
     return {
-        "images": shd.batch_sharding(mesh, rules, 4),
+        "images": shd.batch_sharding(mesh, rules, image_ndim),
         "tokens": shd.batch_sharding(mesh, rules, 2),
     }
 
@@ -315,7 +318,7 @@ def compile_train_step(config, model: CoCa, tx, mesh, rules, abstract_state, sta
         offload=_offload_shardings(state_shardings),
         skip_nonfinite=config.train.on_nan == "skip",
     )
-    in_batch = batch_shardings(mesh, rules)
+    in_batch = batch_shardings(mesh, rules, model.cfg)
     jitted = jax.jit(
         step,
         in_shardings=(state_shardings, in_batch),
@@ -325,9 +328,7 @@ def compile_train_step(config, model: CoCa, tx, mesh, rules, abstract_state, sta
     m = model.cfg
     abstract_batch = {
         "images": jax.ShapeDtypeStruct(
-            (config.batch_size, m.image_size, m.image_size, 3),
-            jnp.uint8,
-            sharding=in_batch["images"],
+            (config.batch_size, *input_shape(m)), jnp.uint8, sharding=in_batch["images"]
         ),
         "tokens": jax.ShapeDtypeStruct(
             (config.batch_size, m.context_length), jnp.int32, sharding=in_batch["tokens"]
@@ -399,6 +400,7 @@ class Trainer:
                     split="train",
                     data=config.data,
                     image_size=self.model_cfg.image_size,
+                    frames=input_frames(self.model_cfg),
                     cache_dir=self.workdir / "data_index",
                 )
                 for spec, _ in mixture
@@ -511,7 +513,7 @@ class Trainer:
         )
 
     def _to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        shardings = batch_shardings(self.mesh, self.rules)
+        shardings = batch_shardings(self.mesh, self.rules, self.model_cfg)
         return {
             k: jax.make_array_from_process_local_data(shardings[k], batch[k]) for k in shardings
         }
@@ -693,6 +695,7 @@ class Trainer:
             crop_ratio=tuple(data.crop_ratio),
             color_jitter=data.color_jitter,
             max_pixels=data.max_image_pixels,
+            frames=input_frames(self.model_cfg),
         )
 
     def _checked(self, step: int, metrics) -> dict[str, float]:

@@ -18,6 +18,7 @@ import optax
 
 from mmjax import sharding as shd
 from mmjax.models.coca import CoCa
+from mmjax.models.video import input_shape
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -38,8 +39,9 @@ def data_seed(seed: int) -> int:
 
 
 def dummy_batch(model: CoCa, batch_size: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Zero inputs for init: images [B, S, S, 3], or clips [B, T, S, S, 3] for video."""
     cfg = model.cfg
-    images = jnp.zeros((batch_size, cfg.image_size, cfg.image_size, 3), jnp.uint8)
+    images = jnp.zeros((batch_size, *input_shape(cfg)), jnp.uint8)
     tokens = jnp.zeros((batch_size, cfg.context_length), jnp.int32)
     return images, tokens
 

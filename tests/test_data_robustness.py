@@ -44,6 +44,7 @@ BAD = {  # reason -> (image bytes or None for a missing file, caption)
     "corrupt_image": (_TRUNCATED, "a caption"),
     "unknown_format": (b"this is not an image at all", "a caption"),
     "too_many_pixels": (_png(0, size=(200, 100)), "a caption"),
+    "too_few_frames": (None, "a caption"),  # a short clip (tests/test_video.py): raised as is
     "empty_caption": (_png(0), "   \n "),
     "caption_not_utf8": (_png(0), b"caf\xe9 au lait"),
 }
@@ -73,7 +74,7 @@ class FakeSource:
         if index in self.bad:
             image, caption = BAD[self.bad[index]]
             if image is None:
-                raise BadSample("missing_file", f"{self.name}/{index}.png")
+                raise BadSample(self.bad[index], f"{self.name}/{index}.png")
             return {"key": str(index), "image": image, "caption": caption}
         return {
             "key": str(index),

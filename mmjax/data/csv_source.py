@@ -10,6 +10,10 @@ The file is read as UTF-8 with `surrogateescape`: a caption holding invalid
 UTF-8 survives as a str with lone surrogates, which the caption decoder
 rejects as `caption_not_utf8` (and which re-encodes to the original bytes).
 Images are returned as the file's raw bytes; decoding happens later.
+
+Clips (`frames` >= 1, model.input_kind='video'): the image column may name a folder of frames
+(its image files in name order; only the frames the clip samples are read) or one file
+holding a stack (.npy, GIF, TIFF, ...); see mmjax.data.clips.
 """
 
 from __future__ import annotations
@@ -40,8 +44,10 @@ class CsvSource:
         *,
         image_key: str = "filepath",
         caption_key: str = "caption",
+        frames: int = 0,
     ):
         self.path = Path(path)
+        self.frames = int(frames)  # 0: images; T: clips of T frames (folders are read)
         self.name = f"csv:{path}"
         self.image_key = image_key
         self.caption_key = caption_key
@@ -84,11 +90,14 @@ class CsvSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = self._check(index)
         filepath = self._filepaths[index]
-        return {
-            "key": filepath,
-            "image": read_file(os.path.join(self._folder, filepath)),
-            "caption": self._captions[index],
-        }
+        path = os.path.join(self._folder, filepath)
+        if self.frames and os.path.isdir(path):
+            from mmjax.data.clips import read_frame_folder  # Late: only clips need PIL here.
+
+            image = read_frame_folder(path, self.frames, read_file)
+        else:
+            image = read_file(path)
+        return {"key": filepath, "image": image, "caption": self._captions[index]}
 
     def caption(self, index: int) -> str:
         """The caption as read (a str; lone surrogates mark invalid UTF-8)."""

@@ -25,6 +25,7 @@ import grain
 import numpy as np
 from absl import flags as absl_flags
 
+from mmjax.data.clips import load_clip
 from mmjax.data.preprocess import ImageOptions, decode_caption, load_image
 from mmjax.data.records import BadSample, Source
 from mmjax.data.stats import COLUMN, DataError, empty_counts
@@ -48,7 +49,10 @@ class ExampleLoader:
         """One example or BadSample. Captions first: they are cheaper to reject."""
         record = self.sources[source_id][index]
         caption = decode_caption(record.get("caption"))
-        image = load_image(record["image"], self.image_options, rng)
+        if self.image_options.frames:  # model.input_kind='video': clips [T, S, S, 3]
+            image = load_clip(record["image"], self.image_options, rng)
+        else:
+            image = load_image(record["image"], self.image_options, rng)
         tokens, truncated = self.tokenizer.encode(caption, self.context_length)
         return {"image": image, "tokens": tokens, "caption": caption, "truncated": truncated}
 
@@ -83,9 +87,8 @@ class ExampleLoader:
             example = self.load(0, row % num_examples, None)
         except BadSample as bad:
             counts[0, COLUMN[bad.reason]] += int(valid)
-            size = self.image_options.image_size
             example = {
-                "image": np.zeros((size, size, 3), np.uint8),
+                "image": np.zeros(self.image_options.shape, np.uint8),
                 "tokens": self.tokenizer.encode("", self.context_length)[0],
                 "caption": "",
             }
@@ -120,6 +123,8 @@ def train_batches(
     prefetch: int = 4,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Endless {"images": uint8 [b,H,W,3], "tokens": int32 [b,L], "counts": int64 [S,C]}.
+
+    With image_options.frames = T, "images" holds clips, uint8 [b,T,H,W,3].
 
     b = global_batch_size // process_count. Process p's batch at step s holds
     stream positions [s*B + p*b, s*B + (p+1)*b) (B the global batch size).
@@ -172,7 +177,7 @@ def eval_batches(
 ) -> Iterator[dict[str, Any]]:
     """Every example of `source` exactly once, in index order.
 
-    Batches: {"images": uint8 [b,H,W,3], "tokens": int32 [b,L], "captions":
+    Batches: {"images": uint8 [b,H,W,3] (clips: [b,T,H,W,3]), "tokens": int32 [b,L], "captions":
     list[str], "index": int64 [b], "valid": bool [b], "counts": int64 [1,C]}.
     The last global batch is filled up with repeats of earlier examples, and
     bad samples are replaced by blanks; both are marked valid=False and

@@ -90,6 +90,9 @@ class ImageOptions:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # width / height range of the random crop
     color_jitter: float = 0.0  # brightness, contrast, saturation factors in [1-s, 1+s]; 0: off
     max_pixels: int = 100_000_000  # width * height above this -> BadSample("too_many_pixels")
+    # 0: still images (load_image); T >= 1: clips of T frames (mmjax.data.clips.load_clip),
+    # every frame with the same crop and jitter.
+    frames: int = 0
 
     def __post_init__(self) -> None:
         if not _is_int(self.image_size) or self.image_size < 1:
@@ -108,12 +111,21 @@ class ImageOptions:
             raise ValueError(f"color_jitter={jitter} must be in [0, 1)")
         if not _is_int(self.max_pixels) or self.max_pixels < 1:
             raise ValueError(f"max_pixels={self.max_pixels!r} must be an integer >= 1")
+        if not _is_int(self.frames) or self.frames < 0:
+            raise ValueError(f"frames={self.frames!r} must be an integer >= 0")
         # Normalised copies: configs give lists and numpy scalars; the options must hash.
         object.__setattr__(self, "image_size", int(self.image_size))
         object.__setattr__(self, "crop_scale", scale)
         object.__setattr__(self, "crop_ratio", ratio)
         object.__setattr__(self, "color_jitter", jitter)
         object.__setattr__(self, "max_pixels", int(self.max_pixels))
+        object.__setattr__(self, "frames", int(self.frames))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """One preprocessed example: (S, S, 3), or (T, S, S, 3) for clips."""
+        frame = (self.image_size, self.image_size, 3)
+        return (self.frames, *frame) if self.frames else frame
 
 
 def _is_int(value: object) -> bool:
@@ -397,7 +409,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def _jitter(img: Image.Image, rng: np.random.Generator, strength: float) -> Image.Image:
     """Brightness, contrast, then saturation, each by a factor uniform in [1-s, 1+s]."""
-    brightness, contrast, saturation = rng.uniform(1 - strength, 1 + strength, size=3)
+    return _apply_jitter(img, rng.uniform(1 - strength, 1 + strength, size=3))
+
+
+def _apply_jitter(img: Image.Image, factors) -> Image.Image:
+    """Brightness, contrast, then saturation by the given factors (all frames of a clip share
+    one draw)."""
+    brightness, contrast, saturation = factors
     img = ImageEnhance.Brightness(img).enhance(float(brightness))
     img = ImageEnhance.Contrast(img).enhance(float(contrast))
     return ImageEnhance.Color(img).enhance(float(saturation))

@@ -5,7 +5,10 @@ records, plus `source.caption(i)` that reads only the caption (for training a
 tokenizer without decoding images). A raw record is a dict:
 
   {"key": str,                         # where the sample came from, for messages
-   "image": bytes | np.ndarray,        # encoded file bytes, or decoded uint8 [H, W, 3]
+   "image": bytes | np.ndarray | list[bytes],
+                                       # encoded file bytes, or decoded uint8 [H, W, 3];
+                                       # clips: a stack file's bytes (.npy, GIF, TIFF), the
+                                       # frame files' bytes in order, or uint8 [T, H, W, 3]
    "caption": str | bytes}             # bytes are decoded (strict UTF-8) later
 
 Decoding and checking happen in `mmjax.data.preprocess`. Anything that makes
@@ -23,6 +26,7 @@ REASONS = (
     "corrupt_image",  # truncated or corrupt encoded data
     "unknown_format",  # not an image format PIL can identify
     "too_many_pixels",  # width * height over data.max_image_pixels (decompression bomb)
+    "too_few_frames",  # a clip with fewer frames than model.video_frames
     "empty_caption",  # missing, empty or whitespace-only caption
     "caption_not_utf8",  # caption bytes are not valid UTF-8
 )

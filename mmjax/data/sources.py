@@ -3,6 +3,7 @@
 A spec is `KIND` or `KIND:PATH`:
 
   shapes                      the built-in procedural corpus (sized by config.data)
+  shapes_video                its clip counterpart: a shape moving, growing or shrinking
   csv:/data/train.csv         a CSV/TSV of image paths and captions (mmjax.data.csv_source)
   wds:/data/{000000..000099}.tar
                               WebDataset tar shards (mmjax.data.wds_source)
@@ -10,6 +11,9 @@ A spec is `KIND` or `KIND:PATH`:
                               ArrayRecord shards (mmjax.data.arrayrecord_source)
 
 A mixture is a list of (spec, weight) pairs; a bare spec is a mixture of one.
+
+Clips (model.input_kind='video') come from shapes_video or from a CSV whose image column
+names a folder of frames or a file holding a stack of them (mmjax.data.clips).
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ import ml_collections
 
 from mmjax.data.records import BadSample, Source
 
-SOURCE_KINDS = ("shapes", "csv", "wds", "arrayrecord")
-_NO_PATH_KINDS = ("shapes",)
+SOURCE_KINDS = ("shapes", "shapes_video", "csv", "wds", "arrayrecord")
+_NO_PATH_KINDS = ("shapes", "shapes_video")
+# Kinds whose records can be clips (model.input_kind='video').
+CLIP_KINDS = ("shapes_video", "csv")
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -36,7 +42,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
     if kind not in SOURCE_KINDS:
         raise ValueError(
             f"source spec {spec!r}: unknown kind {kind!r}; allowed kinds: {list(SOURCE_KINDS)} "
-            "(specs: shapes, csv:PATH, wds:PATTERN, arrayrecord:GLOB)"
+            "(specs: shapes, shapes_video, csv:PATH, wds:PATTERN, arrayrecord:GLOB)"
         )
     if kind in _NO_PATH_KINDS:
         if colon:
@@ -105,12 +111,36 @@ def make_source(
     split: str,
     data: ml_collections.ConfigDict,
     image_size: int,
+    frames: int | None = 0,
     cache_dir: str | os.PathLike | None = None,
 ) -> Source:
     """The source a spec names. `data` is config.data; `cache_dir` holds wds indexes
-    when the shards' folder is not writable."""
+    when the shards' folder is not writable.
+
+    `frames`: what the model reads, 0 still images, T >= 1 clips of T frames (a kind that
+    cannot hold what the model reads is a ValueError); None when only captions are read.
+    """
     kind, path = parse_spec(spec)
+    if frames and kind not in CLIP_KINDS:
+        raise ValueError(
+            f"source spec {spec!r}: {kind} holds still images, but model.input_kind='video' "
+            f"reads clips of {frames} frames; clip sources: {list(CLIP_KINDS)}"
+        )
+    if frames == 0 and kind == "shapes_video":
+        raise ValueError(
+            f"source spec {spec!r} holds clips; set model.input_kind='video' to read them"
+        )
     # Late imports: each kind pulls in only what it needs.
+    if kind == "shapes_video":
+        from mmjax.data.shapes_video import DEFAULT_FRAMES, ShapesVideoSource
+
+        return ShapesVideoSource(
+            split=split,
+            num_examples=data.train_examples if split == "train" else data.eval_examples,
+            seed=data.seed,
+            image_size=image_size,
+            frames=frames or DEFAULT_FRAMES,  # None: captions only, any count will do
+        )
     if kind == "shapes":
         from mmjax.data.shapes import ShapesSource
 
@@ -127,6 +157,7 @@ def make_source(
             path,
             image_key=data.get("image_key", "filepath"),
             caption_key=data.get("caption_key", "caption"),
+            frames=frames or 0,
         )
     if kind == "wds":
         from mmjax.data.wds_source import WebDatasetSource

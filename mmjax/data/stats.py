@@ -90,10 +90,15 @@ class DataStats:
         }
 
     def load_json(self, saved: dict) -> None:
-        """Restores totals saved by to_json (sources and counters must match)."""
-        if saved.get("sources") != self.source_names or saved.get("counters") != list(COUNTERS):
+        """Restores totals saved by to_json (same sources; counters are matched by name, so
+        counts saved before a counter was added restore with that counter at zero)."""
+        counters = list(saved.get("counters") or ())
+        if saved.get("sources") != self.source_names or not set(counters) <= set(COUNTERS):
             raise ValueError(
                 f"checkpointed data counts are for sources {saved.get('sources')}, "
                 f"this run reads {self.source_names}"
             )
-        self.counts = np.asarray(saved["counts"], np.int64).reshape(self.counts.shape)
+        values = np.asarray(saved["counts"], np.int64).reshape(len(self.source_names), -1)
+        counts = empty_counts(len(self.source_names))
+        counts[:, [COLUMN[name] for name in counters]] = values
+        self.counts = counts

@@ -26,6 +26,7 @@ from mmjax.data.sources import make_source
 from mmjax.data.stats import DataStats
 from mmjax.generate import GenerateOptions, make_generate_fn
 from mmjax.models.coca import CoCa
+from mmjax.models.video import input_frames, input_shape
 from mmjax.tokenizer import Tokenizer
 
 
@@ -75,9 +76,14 @@ class EvalContext:
         self.tokenizer = tokenizer
         self.workdir = Path(workdir) if workdir else None
         self.image_options = ImageOptions(
-            image_size=model.cfg.image_size, train=False, max_pixels=config.data.max_image_pixels
+            image_size=model.cfg.image_size,
+            train=False,
+            max_pixels=config.data.max_image_pixels,
+            frames=input_frames(model.cfg),
         )
         rows = lambda ndim: shd.batch_sharding(mesh, rules, ndim)
+        # Images [B, S, S, 3] or clips [B, T, S, S, 3]: rows over the batch axes either way.
+        self.image_rows = rows(1 + len(input_shape(model.cfg)))
         everywhere = shd.replicated(mesh)
 
         def embed_images(params, images):
@@ -91,7 +97,7 @@ class EvalContext:
 
         # Outputs replicated: every process ends up with the whole eval set.
         self.embed_images = jax.jit(
-            embed_images, in_shardings=(None, rows(4)), out_shardings=everywhere
+            embed_images, in_shardings=(None, self.image_rows), out_shardings=everywhere
         )
         self.embed_texts = jax.jit(
             embed_texts, in_shardings=(None, rows(2)), out_shardings=everywhere
@@ -107,6 +113,7 @@ class EvalContext:
                 split=split,
                 data=self.config.data,
                 image_size=self.model.cfg.image_size,
+                frames=input_frames(self.model.cfg),
                 cache_dir=self.workdir / "data_index" if self.workdir else None,
             )
         except (ValueError, OSError) as e:
@@ -122,7 +129,7 @@ class EvalContext:
                 eos_id=tok.eos_id,
                 pad_id=tok.pad_id,
                 options=options,
-                in_shardings=(None, shd.batch_sharding(self.mesh, self.rules, 4), None),
+                in_shardings=(None, self.image_rows, None),
                 out_shardings=shd.replicated(self.mesh),
             )
         return self._captioners[options]

@@ -1,6 +1,7 @@
 """Class labels of a labelled eval source, for zero-shot and linear-probe evaluation.
 
   shapes   label = one of the corpus attributes: shape | colour | size | position
+  shapes_video  label = colour | shape | motion
   csv:...  label = a column of the CSV (e.g. `label`), read once
 Other source kinds carry no labels: asking for them is a ConfigError.
 """
@@ -14,6 +15,8 @@ from pathlib import Path
 from mmjax.config_loading import ConfigError
 from mmjax.data.csv_source import CsvSource
 from mmjax.data.shapes import ShapesSource
+from mmjax.data.shapes_video import LABELS as VIDEO_LABELS
+from mmjax.data.shapes_video import ShapesVideoSource
 from mmjax.evals.context import Subset
 
 SHAPES_LABELS = ("shape", "colour", "size", "position")
@@ -39,6 +42,12 @@ def label_reader(source, key: str, where: str) -> Callable[[int], str]:
         if key not in SHAPES_LABELS:
             raise ConfigError(
                 f"{where}: the shapes corpus has labels {list(SHAPES_LABELS)}, not {key!r}"
+            )
+        return lambda i: source.attributes(i)[key]
+    if isinstance(source, ShapesVideoSource):
+        if key not in VIDEO_LABELS:
+            raise ConfigError(
+                f"{where}: the shapes_video corpus has labels {list(VIDEO_LABELS)}, not {key!r}"
             )
         return lambda i: source.attributes(i)[key]
     if isinstance(source, CsvSource):
