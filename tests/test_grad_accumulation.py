@@ -15,6 +15,9 @@ from mmjax.models.config import REMAT_POLICIES, SIZES, ModelConfig
 from mmjax.models.layers import EncoderBlock, Stack
 from mmjax.train import loss_and_grads
 
+# Module-scoped fixtures compile: keep this file on one xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("grad_accumulation")
+
 BATCH = 16
 
 
@@ -71,8 +74,9 @@ def _assert_close(a, b, rtol):
 def setup():
     model = _model()
     batch = _batch(model.cfg)
-    params = nn.unbox(model.init(jax.random.key(0), batch["images"], batch["tokens"])["params"])
-    return model, params, batch
+    # Jitted: an eager init dispatches (and compiles) every random draw one by one, ~4x slower.
+    params = jax.jit(model.init)(jax.random.key(0), batch["images"], batch["tokens"])
+    return model, nn.unbox(params["params"]), batch
 
 
 @pytest.mark.parametrize("contrastive,caption_weight", [("softmax", 2.0), ("sigmoid", 0.5)])
