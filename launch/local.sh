@@ -60,7 +60,7 @@ case "$mode" in
     ;;
   test)
     # Two workers: XLA compilation is mostly single-threaded, so they overlap well.
-    exec "$py" -m pytest -n 2 --dist loadgroup --durations=15 "$@"
+    exec "$py" -m pytest -n 2 --dist loadfile --durations=15 "$@"
     ;;
   train)
     workdir="${WORKDIR:-runs/coca_tiny}"

@@ -17,9 +17,6 @@ import pytest
 from mmjax.models.coca import CoCa
 from mmjax.models.config import SIZES, ModelConfig
 
-# Module-scoped fixtures compile: keep this file on one xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("attention_masks")
-
 PAD, BOS, EOS = 0, 1, 2
 EXACT = dict(rtol=0, atol=1e-6)  # Masked keys get zero weight, so "unchanged" is near exact.
 

@@ -28,9 +28,6 @@ from mmjax.optimizer import learning_rate_schedule, make_optimizer
 from mmjax.train import train_step
 from mmjax.train_state import state_shardings
 
-# Module-scoped fixtures compile: keep this file on one xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("flops")
-
 BATCH = 8
 # Widths 128 (MLP 512) so that matmuls dominate; two layers per tower keep compiling quick.
 MID = [

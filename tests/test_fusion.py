@@ -30,9 +30,6 @@ from tests.test_flops import MID, _flops
 from tests.test_generate import BATCH, naive_beam, naive_greedy
 from tests.test_model_sharding import run_with_devices
 
-# Module-scoped fixtures compile: keep this file on one xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("fusion")
-
 PAD, BOS = 0, 1
 FUSIONS = ("early", "late")
 EXACT = dict(rtol=0, atol=1e-6)  # Masked keys get zero weight: "unchanged" is near exact.

@@ -20,9 +20,6 @@ from mmjax.generate import (
 from mmjax.models.coca import CoCa
 from mmjax.models.config import SIZES, ModelConfig
 
-# Module-scoped fixtures compile: keep this file on one xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("generate")
-
 PAD, BOS = 0, 1
 BATCH = 6
 

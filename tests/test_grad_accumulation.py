@@ -15,9 +15,6 @@ from mmjax.models.config import REMAT_POLICIES, SIZES, ModelConfig
 from mmjax.models.layers import EncoderBlock, Stack
 from mmjax.train import loss_and_grads
 
-# Module-scoped fixtures compile: keep this file on one xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("grad_accumulation")
-
 BATCH = 16
 
 

@@ -35,9 +35,6 @@ from mmjax.search import (
 from mmjax.zeroshot import class_embeddings, read_classes, read_templates
 from tests.runs import REPO, env_for, run
 
-# Module-scoped fixtures compile: keep this file on one xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("inference")
-
 SLOW_TESTS = (
     "test_caption_cli_captions_in_input_order",
     "test_caption_cli_sampling_flags_reach_the_decoder",

@@ -20,9 +20,6 @@ from mmjax.models.coca import CoCa
 from mmjax.models.config import SIZES, ModelConfig
 from mmjax.train_state import dummy_batch
 
-# Module-scoped fixtures compile: keep this file on one xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("model_sharding")
-
 REPO = Path(__file__).resolve().parents[1]
 KNOWN_NAMES = {"embed", "mlp", "heads", "kv", "vocab", "layers", "norm", "patch", "joint", None}
 KNOWN_NAMES |= {"conv_in", "conv_out"}  # ResNet kernels (model.image_encoder='resnet').

@@ -29,9 +29,6 @@ from mmjax.train import train_step
 from mmjax.train_state import create_train_state, dummy_batch
 from tests.test_model_sharding import KNOWN_NAMES, run_with_devices
 
-# Module-scoped fixtures compile: keep this file on one xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("resnet")
-
 CONFIG = "configs/coca.py:size=tiny"
 SMALL = dict(image_encoder="resnet", resnet_blocks=(1, 1, 1, 1), resnet_width=4)
 SMALL_FLAGS = [

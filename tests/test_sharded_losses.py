@@ -22,9 +22,6 @@ from jax.sharding import Mesh
 from mmjax import losses, sharded_losses
 from mmjax.loss_bench import main as loss_bench_main
 
-# Module-scoped fixtures compile: keep this file on one xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("sharded_losses")
-
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5  # Relative to the largest entry of the reference value / gradient.
 

@@ -21,9 +21,6 @@ from mmjax.run_record import read_records
 from mmjax.sweep import load_sweep, mean_step_seconds, variant_overrides
 from tests.runs import BASE, REPO, run
 
-# Module-scoped fixtures compile: keep this file on one xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("sweep")
-
 STEPS = 4
 COMMON = [*BASE, "--config.checkpoint_every=2", "--config.data.eval_examples=32"]
 

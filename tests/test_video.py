@@ -22,9 +22,6 @@ from mmjax.data.stats import COLUMN
 from mmjax.tokenizer import train_tokenizer
 from tests.test_model_sharding import run_with_devices
 
-# Module-scoped fixtures compile: keep this file on one xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("video")
-
 T = 4
 
 
