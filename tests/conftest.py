@@ -1,8 +1,16 @@
 """Session fixtures shared by the end-to-end tests: the compilation cache and the runs."""
 
+import os
+
 import pytest
 
-from tests.runs import Runs, shared_dir
+from tests.runs import FAST_COMPILE, Runs, shared_dir
+
+# Before any test imports jax: this process and the subprocesses that inherit its environment
+# compile at -O0 (see tests/runs.py FAST_COMPILE). Set XLA_FLAGS with an optimisation level
+# of your own to override it.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{FAST_COMPILE} {os.environ.get('XLA_FLAGS', '')}".strip()
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ import jax
 import pytest
 
 from mmjax import train
+from tests.runs import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "coca.py")
@@ -128,7 +129,7 @@ def _run_cli(tmp_path, *overrides, devices=8):
     workdir = tmp_path / "run"
     env = dict(
         os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=xla_flags(devices),
         JAX_PLATFORMS="cpu",
     )
     start = time.perf_counter()

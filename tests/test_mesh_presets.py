@@ -31,6 +31,7 @@ from jax.experimental import mesh_utils
 from mmjax import sharding as shd
 from mmjax.config_loading import ConfigError, from_json_file, load_config, to_json
 from mmjax.train import check_devices
+from tests.runs import FAST_COMPILE, xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "coca.py")
@@ -337,7 +338,7 @@ print(json.dumps(out))
 def _run_python(code: str, num_devices: int, timeout: float = 300) -> dict:
     env = dict(
         os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+        XLA_FLAGS=xla_flags(num_devices),
         JAX_PLATFORMS="cpu",
     )
     proc = subprocess.run(
@@ -461,7 +462,7 @@ def test_two_processes_dcn_data_gives_each_process_half_the_data_axis(tmp_path):
     script.write_text(textwrap.dedent(_WORKER))
     port = str(_free_port())
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS=FAST_COMPILE)
     procs = [
         subprocess.Popen(
             [sys.executable, str(script), str(i), port],
@@ -499,7 +500,7 @@ def test_two_processes_dcn_data_gives_each_process_half_the_data_axis(tmp_path):
 def test_dryrun_cli_on_8_simulated_devices(tmp_path):
     """The real `python -m mmjax.dryrun`, DCN simulated: 2 slices x (fsdp=2, tensor=2)."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
-    env["JAX_PLATFORMS"] = "cpu"
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)
     argv = [
         "--config",
         CONFIG + ":size=tiny",

@@ -16,6 +16,7 @@ import pytest
 from mmjax.data.image_corpus import write_image_corpus, write_wds_shards
 from mmjax.data.records import REASONS
 from mmjax.metric_writer import read_metrics
+from tests.runs import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -36,7 +37,7 @@ def _run(args, cache_dir, module="mmjax.train"):
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        XLA_FLAGS=xla_flags(1),
         JAX_COMPILATION_CACHE_DIR=str(cache_dir),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
