@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models.coca import CoCa
+from mmjax.models.layers import unstack_layers
 
 METHODS = ("greedy", "beam", "sample")
 
@@ -416,11 +417,31 @@ def generate(
         )
     if options.method == "sample" and rng is None:
         raise ValueError("generate method 'sample' needs an rng (a jax.random key)")
-    setup = _Setup(model, params, bos_id, eos_id, pad_id, options, max_length)
     _, caption_tokens = model.apply({"params": params}, images, method=CoCa.encode_image)
+    # Decode unrolled: for a scanned model that is one copy of the weights per call here, not
+    # one per token in every layer. Callers that generate repeatedly pass `unrolled` ones.
+    model, params = unrolled(model, params)
+    setup = _Setup(model, params, bos_id, eos_id, pad_id, options, max_length)
     if options.method == "beam":
         return _beam_search(setup, caption_tokens)
     return _greedy_or_sample(setup, caption_tokens, rng)
+
+
+def unrolled(model: CoCa, params) -> tuple[CoCa, Any]:
+    """(model, params) in the unrolled-layer layout (model.scan_layers=False), for inference.
+
+    A scanned layer slices (copies) its weights out of the stack at every call, and a cached
+    decode step, which reads every weight for only a few rows, paid that copy at every token
+    (a quarter of the step on CPU). Unstacked once, the weights are read in place. Sharded
+    parameters keep their layout; an unrolled model comes back unchanged.
+    """
+    if not model.cfg.scan_layers:
+        return model, params
+    cfg = dataclasses.replace(model.cfg, scan_layers=False)
+    return model.clone(cfg=cfg), _unstack_layers(params)
+
+
+_unstack_layers = jax.jit(unstack_layers)  # One program, not an op per leaf (outside jit).
 
 
 def greedy_generate(

@@ -46,6 +46,7 @@ from mmjax.data.clips import load_clip, read_frame_folder
 from mmjax.data.csv_source import read_file
 from mmjax.data.preprocess import ImageOptions, load_image
 from mmjax.data.records import BadSample
+from mmjax.generate import unrolled
 from mmjax.models.coca import CoCa
 from mmjax.models.config import ModelConfig
 from mmjax.models.video import input_frames, input_shape
@@ -274,6 +275,9 @@ class Predictor:
         workdir: str | os.PathLike | None = None,
         step: int | None = None,
     ):
+        # Inference runs the layers unrolled: the weights are unstacked once here, not sliced
+        # out of the stack at every layer call (every generated token; see `unrolled`).
+        model, params = unrolled(model, params)
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.mesh, self.rules = mesh, rules
         self.workdir = Path(workdir).resolve() if workdir is not None else None

@@ -8,7 +8,7 @@ them onto mesh axes, so nothing here knows the device layout.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -157,8 +157,13 @@ class Attention(nn.Module):
             if self.decode:
                 k, v, mask = self._update_cache(k, v)
         q = jnp.broadcast_to(q, (k.shape[0],) + q.shape[1:])
-        q, k, v = (constrain(a, ("batch", "length", "act_heads", "act_kv")) for a in (q, k, v))
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        q = constrain(q, ("batch", "length", "act_heads", "act_kv"))
+        if self.decode:  # Keys/values come heads-major from the caches.
+            k, v = (constrain(a, ("batch", "act_heads", "length", "act_kv")) for a in (k, v))
+            out = cached_attention(q, k, v, mask)
+        else:
+            k, v = (constrain(a, ("batch", "length", "act_heads", "act_kv")) for a in (k, v))
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
         out = constrain(out, ("batch", "length", "act_heads", "act_kv"))
         cfg = self.cfg
         init = nn.initializers.variance_scaling(
@@ -181,7 +186,7 @@ class Attention(nn.Module):
         if not self.decode:
             return tuple(self._project(context, width, 2, "kv"))
         if context is not None:  # First decode call: project the image tokens once.
-            k, v = self._project(context, width, 2, "kv")
+            k, v = (heads_major(a) for a in self._project(context, width, 2, "kv"))
             self.variable("cache", "context_key", lambda: k).value = k
             self.variable("cache", "context_value", lambda: v).value = v
             return k, v
@@ -190,25 +195,51 @@ class Attention(nn.Module):
         )
 
     def _update_cache(self, k: Array, v: Array) -> tuple[Array, Array, Array]:
-        """Writes this call's keys/values at the cache index; returns all of them.
+        """Writes this call's keys/values at the cache index; returns all of them, heads-major
+        [B, heads, positions, head_dim], with the mask of this call's queries.
 
         The cache is sized by the first (initialising) call, which passes the full
         maximum length; later calls pass one or a few new positions.
         """
+        k, v = heads_major(k), heads_major(v)
         initialised = self.has_variable("cache", "cached_key")
         cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
         cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
         index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-        new = k.shape[1]
-        max_len = cached_k.value.shape[1]
+        new = k.shape[2]
+        max_len = cached_k.value.shape[2]
         if not initialised:  # Shape-defining call: attention within the call.
             return k, v, prefix_lm_mask(new, new, prefix=self.prefix)
         start = index.value
-        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, start, 0, 0))
-        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, start, 0, 0))
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, 0, start, 0))
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, 0, start, 0))
         index.value = start + new
         mask = prefix_lm_mask(new, max_len, offset=start, prefix=self.prefix)
         return cached_k.value, cached_v.value, mask
+
+
+def heads_major(x: Array) -> Array:
+    """[B, T, heads, head_dim] -> [B, heads, T, head_dim], the layout of the decode caches."""
+    return jnp.swapaxes(x, 1, 2)
+
+
+def cached_attention(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
+    """Attention of new positions q [B, T, heads, head_dim] over heads-major caches k, v
+    [B, heads, S, head_dim] -> [B, T, heads, head_dim].
+
+    The computation of `jax.nn.dot_product_attention`'s XLA path (scale after the dot, the
+    same large negative for masked logits, softmax in f32), so decoding matches the full
+    model. With the caches heads-major both dots read them in place: the [B, S, heads, dim]
+    layout made XLA transpose every layer's whole cache at every generated token.
+    """
+    logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    logits = jnp.einsum("bthd,bhsd->bhts", q, k, preferred_element_type=logits_dtype)
+    logits *= jnp.array(q.shape[-1] ** -0.5, logits_dtype)
+    if mask is not None:
+        large_negative = jnp.asarray(-0.7 * jnp.finfo(logits_dtype).max, logits_dtype)
+        logits = jnp.where(mask, logits, large_negative)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
+    return jnp.einsum("bhts,bhsd->bthd", probs, v)
 
 
 class EncoderBlock(nn.Module):
@@ -327,3 +358,23 @@ class Stack(nn.Module):
         for i in range(self.num_layers):
             x, _ = block(self.cfg, name=f"layers_{i}", **kwargs)(x, *broadcast_args)
         return x
+
+
+def unstack_layers(params):
+    """Parameters of scanned Stacks ('layers', a leading layer axis) in the unrolled layout
+    ('layers_0', 'layers_1', ...) of the same model with model.scan_layers=False.
+
+    For decoding: a scanned layer slices (copies) its weights out of the stack at every call,
+    and a decode step, which reads every weight for a few rows, pays that copy at every token.
+    Unstacked once per call (one copy), the per-token steps read the weights in place.
+    """
+    if not isinstance(params, Mapping):
+        return params
+    out = {}
+    for name, child in params.items():
+        if name == "layers":
+            for i in range(jax.tree.leaves(child)[0].shape[0]):
+                out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], child)
+        else:
+            out[name] = unstack_layers(child)
+    return out
