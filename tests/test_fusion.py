@@ -282,7 +282,7 @@ def test_cached_decoding_matches_the_full_model(setup):
     prefix = caption.shape[1]
     assert prefix == (cfg.caption_queries if cfg.fusion == "early" else 1)
     key = cache["decoder"]["blocks"]["layers"]["attn"]["cached_key"]
-    assert key.shape[2] == prefix + cfg.context_length  # [layers, B, length, heads, head_dim]
+    assert key.shape[3] == prefix + cfg.context_length  # [layers, B, heads, length, head_dim]
 
     @jax.jit
     def step(cache, tokens, caption):

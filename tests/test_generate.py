@@ -16,29 +16,14 @@ from mmjax.generate import (
     constrain_logits,
     filter_logits,
     make_generate_fn,
+    unrolled,
 )
 from mmjax.models.coca import CoCa
 from mmjax.models.config import SIZES, ModelConfig
+from mmjax.models.layers import unstack_layers
 
 PAD, BOS = 0, 1
 BATCH = 6
-
-
-def _unstack(tree):
-    """Scanned parameters -> the unrolled layout: blocks/layers[i] -> blocks/layers_i."""
-    if not isinstance(tree, dict):
-        return tree
-    out = {}
-    for key, value in tree.items():
-        if key == "blocks" and set(value) == {"layers"}:
-            depth = jax.tree.leaves(value["layers"])[0].shape[0]
-            out[key] = {
-                f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], value["layers"])
-                for i in range(depth)
-            }
-        else:
-            out[key] = _unstack(value)
-    return out
 
 
 @functools.cache
@@ -55,7 +40,7 @@ def _scanned_params():
 def _model(scan_layers: bool, dtype: str = "float32"):
     cfg = ModelConfig.from_mapping(dict(SIZES["tiny"], scan_layers=scan_layers, dtype=dtype))
     params, images = _scanned_params()
-    return CoCa(cfg), params if scan_layers else _unstack(params), images
+    return CoCa(cfg), params if scan_layers else unstack_layers(params), images
 
 
 @functools.cache
@@ -75,6 +60,28 @@ def _setup(scan_layers: bool) -> dict:
 @pytest.fixture(scope="module", params=[True, False], ids=["scan", "unrolled"])
 def setup(request):
     return _setup(request.param)
+
+
+def test_unrolled_layout_is_the_same_model():
+    """`unrolled` (the inference layout) gives the unrolled model's exact parameter tree and the
+    scanned model's outputs; an unrolled model comes back as it is."""
+    scanned = _setup(True)
+    model, params = unrolled(scanned["model"], scanned["params"])
+    assert not model.cfg.scan_layers and model.cfg == _setup(False)["cfg"]
+    cfg, images = model.cfg, scanned["images"]
+    tokens = np.zeros((BATCH, cfg.context_length), np.int32)
+    expected = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), images, tokens)))
+    shapes = jax.tree.map(lambda x: (x.shape, x.dtype), params)
+    assert shapes == jax.tree.map(lambda x: (x.shape, x.dtype), expected["params"])
+    tokens = np.random.default_rng(1).integers(3, cfg.vocab_size, tokens.shape).astype(np.int32)
+    np.testing.assert_allclose(
+        _forward(False)(params, images, tokens),
+        scanned["forward"](scanned["params"], images, tokens),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    again = unrolled(model, params)
+    assert again[0] is model and again[1] is params
 
 
 def naive_greedy(s, eos_id: int) -> np.ndarray:
