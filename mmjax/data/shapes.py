@@ -83,14 +83,97 @@ def _position_phrase(position: str) -> str:
     return f"at the {position}"
 
 
-class ShapesSource:
-    """Random-access source of {"key": str, "image": uint8 [S, S, 3], "caption": str}.
+class ProceduralSource:
+    """What the built-in corpora share: examples that are pure functions of (seed, split,
+    index), grain's RandomAccessDataSource protocol (__len__, __getitem__) and
+    `mmjax.data.records.Source` (name, caption).
 
-    Implements grain's RandomAccessDataSource protocol (__len__, __getitem__)
-    and `mmjax.data.records.Source` (name, caption).
+    A corpus sets `name`, `min_image_size`, `default_num_examples` and `seed_tags` (its random
+    streams apart from other corpora's at the same seed) and implements `_draw(rng)` ->
+    attributes, `_caption(attributes)` and `_render(rng, attributes)`.
     """
 
+    name: str
+    min_image_size: int
+    default_num_examples: dict[str, int]
+    seed_tags: tuple[int, ...] = ()
+
+    def __init__(self, split: str, num_examples: int | None, seed: int, image_size: int):
+        kind = type(self).__name__
+        if split not in SPLIT_IDS:
+            raise ValueError(f"{kind} split must be one of {sorted(SPLIT_IDS)}, got {split!r}")
+        if num_examples is None:
+            num_examples = self.default_num_examples[split]
+        if num_examples < 1:
+            raise ValueError(f"{kind} num_examples must be >= 1, got {num_examples}")
+        if image_size < self.min_image_size:
+            raise ValueError(
+                f"{kind} image_size must be >= {self.min_image_size}, got {image_size}"
+            )
+        if seed < 0:
+            raise ValueError(f"{kind} seed must be >= 0, got {seed}")
+        self.split = split
+        self.num_examples = int(num_examples)
+        self.seed = int(seed)
+        self.image_size = int(image_size)
+
+    def _settings(self) -> dict[str, Any]:
+        return dict(
+            split=self.split,
+            num_examples=self.num_examples,
+            seed=self.seed,
+            image_size=self.image_size,
+        )
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v!r}" for k, v in self._settings().items())
+        return f"{type(self).__name__}({settings})"
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rng = self._rng(index)
+        attributes = self._draw(rng)
+        return {
+            "key": f"{self.name}/{self.split}/{index}",
+            "image": self._render(rng, attributes),
+            "caption": self._caption(attributes),
+        }
+
+    def caption(self, index: int) -> str:
+        """The caption of example `index`, without rendering it."""
+        return self._caption(self.attributes(index))
+
+    def attributes(self, index: int) -> dict[str, str]:
+        """The attributes of example `index` (no rendering)."""
+        return self._draw(self._rng(index))
+
+    def _rng(self, index: int) -> np.random.Generator:
+        kind = type(self).__name__
+        try:
+            index = operator.index(index)
+        except TypeError:
+            raise TypeError(
+                f"{kind} index must be an integer, got {type(index).__name__}"
+            ) from None
+        if not 0 <= index < self.num_examples:
+            raise IndexError(
+                f"{kind} index {index} out of range for the {self.split!r} split "
+                f"of {self.num_examples} examples"
+            )
+        return np.random.default_rng(
+            np.random.SeedSequence([self.seed, *self.seed_tags, SPLIT_IDS[self.split], index])
+        )
+
+
+class ShapesSource(ProceduralSource):
+    """Random-access source of {"key": str, "image": uint8 [S, S, 3], "caption": str};
+    `attributes(i)` gives the size, colour, shape and position."""
+
     name = "shapes"  # the spec that builds it (see mmjax.data.sources)
+    min_image_size = MIN_IMAGE_SIZE
+    default_num_examples = DEFAULT_NUM_EXAMPLES
 
     def __init__(
         self,
@@ -99,70 +182,17 @@ class ShapesSource:
         seed: int = 0,
         image_size: int = 32,
     ):
-        if split not in SPLIT_IDS:
-            raise ValueError(
-                f"ShapesSource split must be one of {sorted(SPLIT_IDS)}, got {split!r}"
-            )
-        if num_examples is None:
-            num_examples = DEFAULT_NUM_EXAMPLES[split]
-        if num_examples < 1:
-            raise ValueError(f"ShapesSource num_examples must be >= 1, got {num_examples}")
-        if image_size < MIN_IMAGE_SIZE:
-            raise ValueError(
-                f"ShapesSource image_size must be >= {MIN_IMAGE_SIZE}, got {image_size}"
-            )
-        if seed < 0:
-            raise ValueError(f"ShapesSource seed must be >= 0, got {seed}")
-        self.split = split
-        self.num_examples = int(num_examples)
-        self.seed = int(seed)
-        self.image_size = int(image_size)
+        super().__init__(split, num_examples, seed, image_size)
         # Pixel-centre coordinates, shaped to broadcast to [S, S].
         coords = np.arange(self.image_size, dtype=np.float32) + 0.5
         self._xs = coords[None, :]
         self._ys = coords[:, None]
 
-    def __len__(self) -> int:
-        return self.num_examples
+    def _draw(self, rng: np.random.Generator) -> dict[str, str]:
+        return _draw_attributes(rng)
 
-    def __repr__(self) -> str:
-        return (
-            f"ShapesSource(split={self.split!r}, num_examples={self.num_examples}, "
-            f"seed={self.seed}, image_size={self.image_size})"
-        )
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        rng = self._rng(index)
-        attributes = _draw_attributes(rng)
-        return {
-            "key": f"shapes/{self.split}/{index}",
-            "image": self._render(rng, attributes),
-            "caption": caption_for(attributes),
-        }
-
-    def caption(self, index: int) -> str:
-        """The caption of example `index`, without rendering its image."""
-        return caption_for(self.attributes(index))
-
-    def attributes(self, index: int) -> dict[str, str]:
-        """The size/colour/shape/position of example `index` (no rendering)."""
-        return _draw_attributes(self._rng(index))
-
-    def _rng(self, index: int) -> np.random.Generator:
-        try:
-            index = operator.index(index)
-        except TypeError:
-            raise TypeError(
-                f"ShapesSource index must be an integer, got {type(index).__name__}"
-            ) from None
-        if not 0 <= index < self.num_examples:
-            raise IndexError(
-                f"ShapesSource index {index} out of range for the {self.split!r} split "
-                f"of {self.num_examples} examples"
-            )
-        return np.random.default_rng(
-            np.random.SeedSequence([self.seed, SPLIT_IDS[self.split], index])
-        )
+    def _caption(self, attributes: dict[str, str]) -> str:
+        return caption_for(attributes)
 
     def _render(self, rng: np.random.Generator, attributes: dict[str, str]) -> np.ndarray:
         cell = self.image_size / 3

@@ -9,12 +9,11 @@ no single frame and no unordered set of frames tells the caption: only the order
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import numpy as np
 
-from mmjax.data.shapes import _SIGNED_DISTANCE, COLOURS, SHAPES, SPLIT_IDS
+from mmjax.data.shapes import _SIGNED_DISTANCE, COLOURS, SHAPES, ProceduralSource
 
 # Opposite pairs: a clip played backwards is a clip of the other motion of its pair.
 MOTIONS = ("moving left", "moving right", "moving up", "moving down", "growing", "shrinking")
@@ -64,14 +63,14 @@ def all_captions() -> list[str]:
     ]
 
 
-class ShapesVideoSource:
-    """Random-access source of {"key", "image": uint8 [T, S, S, 3], "caption": str}.
-
-    The grain RandomAccessDataSource protocol and `mmjax.data.records.Source` (name, caption),
-    as ShapesSource; `attributes(i)` gives the colour, shape and motion without rendering.
-    """
+class ShapesVideoSource(ProceduralSource):
+    """Random-access source of {"key", "image": uint8 [T, S, S, 3], "caption": str};
+    `attributes(i)` gives the colour, shape and motion without rendering."""
 
     name = "shapes_video"  # the spec that builds it (see mmjax.data.sources)
+    min_image_size = MIN_IMAGE_SIZE
+    default_num_examples = DEFAULT_NUM_EXAMPLES
+    seed_tags = (_CORPUS_TAG,)
 
     def __init__(
         self,
@@ -81,74 +80,24 @@ class ShapesVideoSource:
         image_size: int = 32,
         frames: int = DEFAULT_FRAMES,
     ):
-        if split not in SPLIT_IDS:
-            raise ValueError(
-                f"ShapesVideoSource split must be one of {sorted(SPLIT_IDS)}, got {split!r}"
-            )
-        if num_examples is None:
-            num_examples = DEFAULT_NUM_EXAMPLES[split]
-        if num_examples < 1:
-            raise ValueError(f"ShapesVideoSource num_examples must be >= 1, got {num_examples}")
-        if image_size < MIN_IMAGE_SIZE:
-            raise ValueError(
-                f"ShapesVideoSource image_size must be >= {MIN_IMAGE_SIZE}, got {image_size}"
-            )
+        super().__init__(split, num_examples, seed, image_size)
         if frames < MIN_FRAMES:
             raise ValueError(
                 f"ShapesVideoSource frames must be >= {MIN_FRAMES} (motion needs two), got {frames}"
             )
-        if seed < 0:
-            raise ValueError(f"ShapesVideoSource seed must be >= 0, got {seed}")
-        self.split = split
-        self.num_examples = int(num_examples)
-        self.seed = int(seed)
-        self.image_size = int(image_size)
         self.frames = int(frames)
         coords = np.arange(self.image_size, dtype=np.float32) + 0.5
         self._xs = coords[None, None, :]  # broadcasts to [T, S, S]
         self._ys = coords[None, :, None]
 
-    def __len__(self) -> int:
-        return self.num_examples
+    def _settings(self) -> dict[str, Any]:
+        return dict(super()._settings(), frames=self.frames)
 
-    def __repr__(self) -> str:
-        return (
-            f"ShapesVideoSource(split={self.split!r}, num_examples={self.num_examples}, "
-            f"seed={self.seed}, image_size={self.image_size}, frames={self.frames})"
-        )
+    def _draw(self, rng: np.random.Generator) -> dict[str, str]:
+        return _draw_attributes(rng)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        rng = self._rng(index)
-        attributes = _draw_attributes(rng)
-        return {
-            "key": f"shapes_video/{self.split}/{index}",
-            "image": self._render(rng, attributes),
-            "caption": caption_for(attributes),
-        }
-
-    def caption(self, index: int) -> str:
-        """The caption of clip `index`, without rendering it."""
-        return caption_for(self.attributes(index))
-
-    def attributes(self, index: int) -> dict[str, str]:
-        """The colour/shape/motion of clip `index` (no rendering)."""
-        return _draw_attributes(self._rng(index))
-
-    def _rng(self, index: int) -> np.random.Generator:
-        try:
-            index = operator.index(index)
-        except TypeError:
-            raise TypeError(
-                f"ShapesVideoSource index must be an integer, got {type(index).__name__}"
-            ) from None
-        if not 0 <= index < self.num_examples:
-            raise IndexError(
-                f"ShapesVideoSource index {index} out of range for the {self.split!r} split "
-                f"of {self.num_examples} examples"
-            )
-        return np.random.default_rng(
-            np.random.SeedSequence([self.seed, _CORPUS_TAG, SPLIT_IDS[self.split], index])
-        )
+    def _caption(self, attributes: dict[str, str]) -> str:
+        return caption_for(attributes)
 
     def _path(self, rng: np.random.Generator, motion: str) -> tuple[np.ndarray, ...]:
         """Per-frame centre x, centre y and half-extent, [T] each, in pixels."""
