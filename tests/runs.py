@@ -23,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -143,6 +144,21 @@ def run(
     if check:
         check_exit(proc)
     return proc
+
+
+def run_with_devices(code: str, devices: int = 8, timeout: float = 300) -> dict:
+    """Runs Python `code` in a fresh process on `devices` forced CPU devices; returns the JSON
+    object it prints as its last stdout line."""
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        env=dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"subprocess failed:\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def check_exit(proc):

@@ -26,9 +26,9 @@ from mmjax.models.layers import prefix_lm_mask
 from mmjax.models.vit import ImageEncoder
 from mmjax.sweep import load_sweep, variant_overrides
 from mmjax.train import loss_and_grads
+from tests.runs import run_with_devices
 from tests.test_flops import MID, _flops
 from tests.test_generate import BATCH, naive_beam, naive_greedy
-from tests.test_model_sharding import run_with_devices
 
 PAD, BOS = 0, 1
 FUSIONS = ("early", "late")

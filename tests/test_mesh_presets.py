@@ -31,7 +31,7 @@ from jax.experimental import mesh_utils
 from mmjax import sharding as shd
 from mmjax.config_loading import ConfigError, from_json_file, load_config, to_json
 from mmjax.train import check_devices
-from tests.runs import FAST_COMPILE, xla_flags
+from tests.runs import FAST_COMPILE, run_with_devices
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "coca.py")
@@ -335,27 +335,9 @@ print(json.dumps(out))
 """
 
 
-def _run_python(code: str, num_devices: int, timeout: float = 300) -> dict:
-    env = dict(
-        os.environ,
-        XLA_FLAGS=xla_flags(num_devices),
-        JAX_PLATFORMS="cpu",
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, f"subprocess failed:\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def eight():
-    return _run_python(_EIGHT_DEVICES, 8)
+    return run_with_devices(_EIGHT_DEVICES, 8)
 
 
 @pytest.mark.parametrize("preset", list(shd.RULE_PRESETS))

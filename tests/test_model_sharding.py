@@ -4,11 +4,6 @@ Single-device checks run in-process. The 8-device checks (data=2, fsdp=2, tensor
 subprocess with forced host devices, because the device count is fixed when JAX starts.
 """
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import flax.linen as nn
@@ -19,31 +14,12 @@ from mmjax import sharding as shd
 from mmjax.models.coca import CoCa
 from mmjax.models.config import SIZES, ModelConfig
 from mmjax.train_state import dummy_batch
+from tests.runs import run_with_devices
 
 REPO = Path(__file__).resolve().parents[1]
 KNOWN_NAMES = {"embed", "mlp", "heads", "kv", "vocab", "layers", "norm", "patch", "joint", None}
 KNOWN_NAMES |= {"conv_in", "conv_out"}  # ResNet kernels (model.image_encoder='resnet').
 SCALARS = {"logit_scale", "logit_bias"}
-
-
-def run_with_devices(code: str, num_devices: int = 8, timeout: float = 240) -> dict:
-    """Runs `code` in a fresh Python with `num_devices` CPU devices; returns the JSON it prints
-    as its last stdout line."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={num_devices}"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, f"subprocess failed:\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _boxed_params(scan_layers: bool):

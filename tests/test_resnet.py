@@ -27,7 +27,8 @@ from mmjax.optimizer import learning_rate_schedule, make_optimizer
 from mmjax.sweep import load_sweep, parameter_count, variant_overrides
 from mmjax.train import train_step
 from mmjax.train_state import create_train_state, dummy_batch
-from tests.test_model_sharding import KNOWN_NAMES, run_with_devices
+from tests.runs import run_with_devices
+from tests.test_model_sharding import KNOWN_NAMES
 
 CONFIG = "configs/coca.py:size=tiny"
 SMALL = dict(image_encoder="resnet", resnet_blocks=(1, 1, 1, 1), resnet_width=4)

@@ -7,10 +7,6 @@ split the batch 2, 3, 4, 6, 7 and 8 ways, over one or two axes, with and without
 """
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import jax
@@ -21,6 +17,7 @@ from jax.sharding import Mesh
 
 from mmjax import losses, sharded_losses
 from mmjax.loss_bench import main as loss_bench_main
+from tests.runs import run_with_devices
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5  # Relative to the largest entry of the reference value / gradient.
@@ -208,27 +205,9 @@ print(json.dumps(out))
 """
 
 
-def _run_with_devices(code: str, num_devices: int = 8, timeout: float = 300) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={num_devices}"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, f"subprocess failed:\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def sharded():
-    return _run_with_devices(_CHILD)
+    return run_with_devices(_CHILD)
 
 
 def _assert_close(errors: dict, where: str, tolerance: float = TOLERANCE):

@@ -20,7 +20,7 @@ from mmjax.data.shapes_video import MOTIONS, OPPOSITE, ShapesVideoSource, all_ca
 from mmjax.data.sources import make_source
 from mmjax.data.stats import COLUMN
 from mmjax.tokenizer import train_tokenizer
-from tests.test_model_sharding import run_with_devices
+from tests.runs import run_with_devices
 
 T = 4
 
