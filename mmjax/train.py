@@ -302,12 +302,11 @@ def _offload_shardings(state_shardings) -> tuple[Any, Any] | None:
     return jax.tree.map(lambda s: s.with_memory_kind("device"), host), host
 
 
-def compile_train_step(config, model: CoCa, tx, mesh, rules, abstract_state, state_shardings):
-    """Ahead-of-time compiled train step with explicit in/out shardings, donated state.
-
-    The same signature serves training, the benchmark and sharding tests.
-    """
-    step = functools.partial(
+def bind_train_step(config, model: CoCa, tx, rules, state_shardings=None):
+    """`train_step` with everything the config decides bound: (state, batch) -> (state,
+    metrics). `state_shardings` (optional) tell it where the optimizer state lives."""
+    offload = _offload_shardings(state_shardings) if state_shardings is not None else None
+    return functools.partial(
         train_step,
         model=model,
         tx=tx,
@@ -315,9 +314,17 @@ def compile_train_step(config, model: CoCa, tx, mesh, rules, abstract_state, sta
         schedule=learning_rate_schedule(config),
         microbatches=config.train.microbatches,
         batch_axes=shd.batch_mesh_axes(rules),
-        offload=_offload_shardings(state_shardings),
+        offload=offload,
         skip_nonfinite=config.train.on_nan == "skip",
     )
+
+
+def compile_train_step(config, model: CoCa, tx, mesh, rules, abstract_state, state_shardings):
+    """Ahead-of-time compiled train step with explicit in/out shardings, donated state.
+
+    The same signature serves training, the benchmark and sharding tests.
+    """
+    step = bind_train_step(config, model, tx, rules, state_shardings)
     in_batch = batch_shardings(mesh, rules, model.cfg)
     jitted = jax.jit(
         step,

@@ -1,6 +1,5 @@
 """train.on_nan: 'skip' keeps the old state for a non-finite step and counts it."""
 
-import functools
 import math
 
 import jax
@@ -12,8 +11,8 @@ from mmjax.checkpoint import Checkpointer
 from mmjax.config_loading import load_config
 from mmjax.models.coca import CoCa
 from mmjax.models.config import ModelConfig
-from mmjax.optimizer import learning_rate_schedule, make_optimizer
-from mmjax.train import train_step
+from mmjax.optimizer import make_optimizer
+from mmjax.train import bind_train_step
 from mmjax.train_state import create_train_state
 from tests.runs import STEPS, train_lines
 
@@ -21,21 +20,14 @@ NEEDS = {"test_skip_run_finishes_and_keeps_the_last_finite_weights": ("nan_skip"
 
 
 def test_skip_keeps_params_and_opt_state_on_a_nan_batch():
-    config = load_config("configs/coca.py:size=tiny,batch=4", ["optimizer.warmup_steps=0"])
+    config = load_config(
+        "configs/coca.py:size=tiny,batch=4", ["optimizer.warmup_steps=0", "train.on_nan=skip"]
+    )
     model = CoCa(ModelConfig.from_mapping(config.model.to_dict()))
     mesh = shd.make_mesh(dict(config.mesh))
     rules = shd.rules_from_config(config.sharding_rules)
     tx = make_optimizer(config)
-    step = jax.jit(
-        functools.partial(
-            train_step,
-            model=model,
-            tx=tx,
-            loss_config=config.loss,
-            schedule=learning_rate_schedule(config),
-            skip_nonfinite=True,
-        )
-    )
+    step = jax.jit(bind_train_step(config, model, tx, rules))
     cfg = model.cfg
     rng = np.random.default_rng(0)
     # Float images skip the uint8 scaling, so a NaN pixel reaches the loss.

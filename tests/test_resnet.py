@@ -7,7 +7,6 @@ whole CoCa is compiled) keep the compiles short; the layout is ResNet-50's. The 
 tests are marked slow (25-35 s of CPU each, mostly compiling the init and the step).
 """
 
-import functools
 import math
 
 import flax.linen as nn
@@ -23,9 +22,9 @@ from mmjax.models.coca import CoCa
 from mmjax.models.config import SIZES, ModelConfig
 from mmjax.models.resnet import ResNetEncoder, norm_groups
 from mmjax.models.towers import frame_encoder
-from mmjax.optimizer import learning_rate_schedule, make_optimizer
+from mmjax.optimizer import make_optimizer
 from mmjax.sweep import load_sweep, parameter_count, variant_overrides
-from mmjax.train import train_step
+from mmjax.train import bind_train_step
 from mmjax.train_state import create_train_state, dummy_batch
 from tests.runs import run_with_devices
 from tests.test_model_sharding import KNOWN_NAMES
@@ -283,16 +282,7 @@ def test_train_steps_on_a_fixed_batch_reduce_the_loss():
         "tokens": rng.integers(1, cfg.vocab_size, (batch_size, cfg.context_length), np.int32),
     }
     tx = make_optimizer(config)
-    step_fn = jax.jit(
-        functools.partial(
-            train_step,
-            model=model,
-            tx=tx,
-            loss_config=config.loss,
-            schedule=learning_rate_schedule(config),
-        ),
-        donate_argnums=(0,),
-    )
+    step_fn = jax.jit(bind_train_step(config, model, tx, rules), donate_argnums=(0,))
     state = create_train_state(model, tx, mesh, rules, config.seed)
     losses = []
     with shd.activate(mesh, rules):

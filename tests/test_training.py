@@ -7,7 +7,6 @@ ahead of the tests that read them (tests/runs.py, which also gives the shared
 settings).
 """
 
-import functools
 import json
 import math
 import re
@@ -24,9 +23,9 @@ from mmjax.data.shapes import ShapesSource, all_captions
 from mmjax.metric_writer import read_metrics
 from mmjax.models.coca import CoCa
 from mmjax.models.config import ModelConfig
-from mmjax.optimizer import learning_rate_schedule, make_optimizer
+from mmjax.optimizer import make_optimizer
 from mmjax.tokenizer import train_tokenizer
-from mmjax.train import Trainer, train_step
+from mmjax.train import Trainer, bind_train_step
 from mmjax.train_state import create_train_state
 from tests.runs import BATCH, JOBS, LOSS_KEYS, STEPS, run, train, train_lines
 
@@ -118,16 +117,7 @@ def test_overfits_one_fixed_batch(tmp_path, runs):
         k: jax.device_put(v, shd.batch_sharding(mesh, rules, v.ndim)) for k, v in batch.items()
     }
     tx = make_optimizer(config)
-    step_fn = jax.jit(
-        functools.partial(
-            train_step,
-            model=model,
-            tx=tx,
-            loss_config=config.loss,
-            schedule=learning_rate_schedule(config),
-        ),
-        donate_argnums=(0,),
-    )
+    step_fn = jax.jit(bind_train_step(config, model, tx, rules), donate_argnums=(0,))
     state = create_train_state(model, tx, mesh, rules, config.seed)
     history = []
     with shd.activate(mesh, rules):
