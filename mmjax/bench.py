@@ -23,6 +23,7 @@ import numpy as np
 from mmjax import sharding as shd
 from mmjax.config_loading import ConfigError, load_config, split_config_flags
 from mmjax.flops import peak_flops, train_flops_per_step
+from mmjax.hugepages import restart_with_huge_pages
 from mmjax.models.coca import CoCa
 from mmjax.models.config import ModelConfig
 from mmjax.models.video import input_shape
@@ -182,4 +183,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()
     sys.exit(main())

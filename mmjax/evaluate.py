@@ -21,6 +21,7 @@ import jax
 
 from mmjax import distributed
 from mmjax.config_loading import ConfigError
+from mmjax.hugepages import restart_with_huge_pages
 
 
 def main(argv=None) -> int:
@@ -94,4 +95,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()
     sys.exit(main())

@@ -93,7 +93,7 @@ PACKAGES = (
     "pillow",
 )
 # Environment variables that change what XLA/JAX/mmjax do (recorded; nothing else is).
-ENV_PREFIXES = ("XLA_FLAGS", "JAX_", "MMJAX_", "CUDA_VISIBLE_DEVICES", "TPU_")
+ENV_PREFIXES = ("XLA_FLAGS", "JAX_", "MMJAX_", "CUDA_VISIBLE_DEVICES", "TPU_", "GLIBC_TUNABLES")
 GIT_TIMEOUT_S = 10
 _ABSENT = object()
 
