@@ -131,25 +131,21 @@ def make_source(
             f"source spec {spec!r} holds clips; set model.input_kind='video' to read them"
         )
     # Late imports: each kind pulls in only what it needs.
-    if kind == "shapes_video":
+    if kind in ("shapes", "shapes_video"):  # The generated corpora.
+        generated = dict(
+            split=split,
+            num_examples=data.train_examples if split == "train" else data.eval_examples,
+            seed=data.seed,
+            image_size=image_size,
+        )
+        if kind == "shapes":
+            from mmjax.data.shapes import ShapesSource
+
+            return ShapesSource(**generated)
         from mmjax.data.shapes_video import DEFAULT_FRAMES, ShapesVideoSource
 
-        return ShapesVideoSource(
-            split=split,
-            num_examples=data.train_examples if split == "train" else data.eval_examples,
-            seed=data.seed,
-            image_size=image_size,
-            frames=frames or DEFAULT_FRAMES,  # None: captions only, any count will do
-        )
-    if kind == "shapes":
-        from mmjax.data.shapes import ShapesSource
-
-        return ShapesSource(
-            split=split,
-            num_examples=data.train_examples if split == "train" else data.eval_examples,
-            seed=data.seed,
-            image_size=image_size,
-        )
+        # frames None: captions only, any count will do.
+        return ShapesVideoSource(**generated, frames=frames or DEFAULT_FRAMES)
     if kind == "csv":
         from mmjax.data.csv_source import CsvSource
 
