@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -23,7 +24,7 @@ import numpy as np
 from mmjax import sharding as shd
 from mmjax.config_loading import ConfigError, load_config, split_config_flags
 from mmjax.flops import peak_flops, train_flops_per_step
-from mmjax.hugepages import restart_with_huge_pages
+from mmjax.host_memory import tune_host_memory
 from mmjax.models.coca import CoCa
 from mmjax.models.config import ModelConfig
 from mmjax.models.video import input_shape
@@ -125,6 +126,9 @@ def run(config, steps: int, warmup: int = 2) -> dict:
         "dtype": model_cfg.dtype,
         "scan_layers": model_cfg.scan_layers,
         "remat": model_cfg.remat,
+        # mmjax.host_memory's doing (or the user's): malloc reuse and inline CPU dispatch.
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "cpu_async_dispatch": jax.config.values.get("jax_cpu_enable_async_dispatch"),
         "params": int(sum(np.prod(a.shape) for a in jax.tree.leaves(abstract.params))),
         "loss": float(metrics["loss"]),
     }
@@ -183,5 +187,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    restart_with_huge_pages()
+    tune_host_memory()
     sys.exit(main())

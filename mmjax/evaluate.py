@@ -21,7 +21,7 @@ import jax
 
 from mmjax import distributed
 from mmjax.config_loading import ConfigError
-from mmjax.hugepages import restart_with_huge_pages
+from mmjax.host_memory import tune_host_memory
 
 
 def main(argv=None) -> int:
@@ -95,5 +95,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    restart_with_huge_pages()
+    tune_host_memory()
     sys.exit(main())

@@ -409,6 +409,8 @@ def run_record(
         device_count=jax.device_count(),
         local_device_count=jax.local_device_count(),
         process_count=jax.process_count(),
+        # False where mmjax.host_memory chose inline dispatch (XLA:CPU steps reuse memory).
+        cpu_async_dispatch=jax.config.values.get("jax_cpu_enable_async_dispatch"),
         mesh={name: int(size) for name, size in mesh.shape.items()},
         seed=config.get("seed"),
         config_sha256=hashlib.sha256(to_json(config).encode()).hexdigest(),

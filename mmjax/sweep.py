@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from mmjax.config_loading import ConfigError, load_config, load_module, split_config_flags
-from mmjax.hugepages import restart_with_huge_pages
+from mmjax.host_memory import tune_host_memory
 
 SUMMARY_FILE = "summary.md"
 # Variant names become directory names next to summary.md and the plots: no dots or slashes.
@@ -396,5 +396,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    restart_with_huge_pages()
+    tune_host_memory()
     sys.exit(main())

@@ -43,7 +43,7 @@ from mmjax.data.sources import make_source, parse_mixture
 from mmjax.data.stats import DataError, DataStats
 from mmjax.evals.suite import EvalSuite, named_blocks
 from mmjax.flops import peak_flops, train_flops_per_step
-from mmjax.hugepages import restart_with_huge_pages
+from mmjax.host_memory import tune_host_memory
 from mmjax.losses import caption_loss
 from mmjax.metric_writer import MetricWriter
 from mmjax.models.coca import CoCa
@@ -789,5 +789,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    restart_with_huge_pages()
+    tune_host_memory()
     sys.exit(main())

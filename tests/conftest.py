@@ -11,9 +11,9 @@ from tests.runs import FAST_COMPILE, Runs, shared_dir
 # of your own to override it.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{FAST_COMPILE} {os.environ.get('XLA_FLAGS', '')}".strip()
-# The CLIs' restart for huge pages (mmjax/hugepages.py) would cost every short test
-# subprocess a second start-up; tests/test_hugepages.py checks it, the long runs opt back in.
-os.environ.setdefault("MMJAX_MALLOC_HUGEPAGES", "0")
+# The CLIs' restart for malloc tuning (mmjax/host_memory.py) would cost every short test
+# subprocess a second start-up; tests/test_host_memory.py checks it, the long runs opt back in.
+os.environ.setdefault("MMJAX_MALLOC_TUNING", "0")
 
 
 @pytest.fixture(scope="session")

@@ -124,8 +124,8 @@ def env_for(cache_dir, devices: int | None = 1, optimize=False, **extra) -> dict
     )
     if devices is None:
         env["XLA_FLAGS"] = "" if optimize else FAST_COMPILE
-    if optimize:  # A long run: worth the CLI's restart for huge pages (mmjax/hugepages.py).
-        env.pop("MMJAX_MALLOC_HUGEPAGES", None)
+    if optimize:  # A long run: worth the CLI's restart for malloc tuning (mmjax/host_memory.py).
+        env.pop("MMJAX_MALLOC_TUNING", None)
     for key in ("MMJAX_COORDINATOR", "MMJAX_NUM_PROCESSES", "MMJAX_PROCESS_ID"):
         env.pop(key, None)  # A launcher sets them where it wants them.
     env.update(extra)

@@ -304,6 +304,7 @@ def test_start_writes_a_run_record_and_holds_the_lock(tmp_path, capsys):
     assert set(record["packages"]) == set(run_record.PACKAGES)
     assert record["platform"] == "cpu" and record["device_count"] == jax.device_count()
     assert record["process_count"] == 1
+    assert record["cpu_async_dispatch"] is jax.config.values["jax_cpu_enable_async_dispatch"]
     assert record["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
     assert record["command"].split()[0] == sys.orig_argv[0]
     assert record["start_time"].endswith("+00:00")

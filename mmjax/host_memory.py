@@ -1,0 +1,101 @@
+"""Host memory for XLA:CPU steps: the CLIs restart once with glibc malloc tunables.
+
+XLA:CPU takes each step's temporaries (activations, the scan's residual stacks, gradients)
+as one block from malloc: ~0.8 GB for the `bench` step. glibc serves a block that large
+with a fresh mmap and unmaps it on free, so every step faulted the whole block in again
+and the kernel zeroed it page by page (~0.15 s of a 1.6 s step in system time). Two
+changes make the block live on between steps:
+
+- `glibc.malloc.mmap_max=0` and a huge `trim_threshold`: big blocks come from the heap
+  and stay there when freed, so the next step reuses the same, already-mapped pages;
+- XLA runs single-device CPU programs inline (`jax_cpu_enable_async_dispatch=False`):
+  the block is then taken on the main thread, from glibc's main arena. A worker
+  thread's arena cannot hold a block that large and maps it fresh whatever the tunables.
+
+`glibc.malloc.hugetlb=1` (glibc >= 2.35, THP mode 'madvise') backs what is mapped with
+transparent huge pages, so the first steps fault 2 MiB at a time. The price: memory a
+process frees is kept for reuse rather than returned to the system. Measured on the
+2-core dev machine, `bench` step: see BUILD_NOTES "Host memory".
+
+glibc reads tunables only at process start, so `python -m mmjax.train` (and bench, sweep,
+evaluate) re-executes itself once, same pid and arguments, with the missing ones added;
+children inherit them. A tunable the user set keeps the user's value. Nothing happens on
+another libc or with MMJAX_MALLOC_TUNING=0 (then dispatch stays asynchronous too).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from collections.abc import Mapping
+
+ENV = "MMJAX_MALLOC_TUNING"
+THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+KEEP_FREED = ("glibc.malloc.mmap_max", "0")  # The tunable that lets a step reuse its block.
+TRIM_THRESHOLD = ("glibc.malloc.trim_threshold", str(1 << 40))
+HUGE_PAGES = ("glibc.malloc.hugetlb", "1")
+
+
+def thp_mode(path: str = THP_SETTING) -> str | None:
+    """The kernel's THP mode ('always', 'madvise' or 'never'), None if unknown."""
+    try:
+        with open(path) as f:
+            words = f.read().split()
+    except OSError:
+        return None
+    chosen = [w.strip("[]") for w in words if w.startswith("[")]
+    return chosen[0] if chosen else None
+
+
+def glibc_version() -> tuple[int, ...] | None:
+    lib, version = platform.libc_ver()
+    if lib != "glibc" or not version:
+        return None
+    return tuple(int(part) for part in version.split(".") if part.isdigit())
+
+
+def _tunables(environ: Mapping[str, str]) -> dict[str, str]:
+    pairs = (t.partition("=") for t in environ.get("GLIBC_TUNABLES", "").split(":") if t)
+    return {name: value for name, _, value in pairs}
+
+
+def missing_tunables(
+    environ: Mapping[str, str], mode: str | None, glibc: tuple[int, ...] | None
+) -> list[tuple[str, str]]:
+    """The tunables to add to this environment (empty: no restart)."""
+    if environ.get(ENV, "1") == "0" or glibc is None or glibc < (2, 26):  # 2.26: tunables.
+        return []
+    wanted = [KEEP_FREED, TRIM_THRESHOLD]
+    if mode == "madvise" and glibc >= (2, 35):  # 'always' has huge pages already.
+        wanted.append(HUGE_PAGES)
+    present = _tunables(environ)
+    return [(name, value) for name, value in wanted if name not in present]
+
+
+def with_tunables(environ: Mapping[str, str], tunables: list[tuple[str, str]]) -> dict[str, str]:
+    env = dict(environ)
+    own = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+    env["GLIBC_TUNABLES"] = ":".join([*own, *(f"{name}={value}" for name, value in tunables)])
+    return env
+
+
+def keeps_freed_memory(environ: Mapping[str, str]) -> bool:
+    """Whether malloc in this process keeps big freed blocks (mmap_max=0 is in effect)."""
+    return _tunables(environ).get(KEEP_FREED[0]) == KEEP_FREED[1]
+
+
+def tune_host_memory() -> None:
+    """Re-executes this CLI with the missing tunables (see the module doc), else selects
+    inline CPU dispatch when freed blocks are kept. Call first thing under
+    `if __name__ == "__main__"`, before JAX starts its backend: it never returns when it
+    restarts."""
+    missing = missing_tunables(os.environ, thp_mode(), glibc_version())
+    if missing:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, sys.orig_argv, with_tunables(os.environ, missing))
+    if os.environ.get(ENV, "1") != "0" and keeps_freed_memory(os.environ):
+        import jax
+
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
