@@ -54,10 +54,10 @@ def get_config(arg=None):
     config.model = ml_collections.ConfigDict(model_size(arg.size))
     config.model.dtype = "float32"  # 'bfloat16' on accelerators.
     config.model.param_dtype = "float32"
-    config.model.scan_layers = True
-    # Rematerialisation: none | minimal | dots-saveable | full, for all towers or per tower
-    # (remat_vision / remat_text / remat_decoder; '' follows model.remat).
-    config.model.remat = "none"
+    # From the size (mmjax/models/config.py SIZES; all but `bench` scan their layers, none
+    # remats): model.scan_layers, and model.remat = none | minimal | dots-saveable | full,
+    # for all towers or per tower (remat_vision / remat_text / remat_decoder; '' follows
+    # model.remat).
 
     # Mesh: sizes of the data, fsdp and tensor axes inside one slice (TPU) or process
     # (elsewhere); one may be -1 to fill its devices. dcn_data / dcn_fsdp multiply the data

@@ -1,7 +1,15 @@
 """Train-step benchmark on synthetic data: throughput, compile time, MFU.
 
   python -m mmjax.bench --config configs/coca.py:size=bench [--steps N] [--config.KEY=VALUE ...]
-  python -m mmjax.bench --config configs/coca.py:size=bench --compile-depths 2,12
+  python -m mmjax.bench --config configs/coca.py:size=bench --compile-depths 2,12 \
+      --config.model.scan_layers=True
+  python -m mmjax.bench --config configs/coca.py:size=bench --compare '' \
+      model.scan_layers=True model.remat=none,model.scan_layers=True
+
+--compare times variants of the config (each a comma-separated list of KEY=VALUE overrides,
+'' for the config as given) in one process, one step of each in turn, so that a noisy
+machine slows them alike; it prints one JSON line per variant, with its median step time
+as a ratio to the first variant's.
 
 Prints one JSON line. MFU = analytic model FLOPs per step (see mmjax/flops.py)
 / step time / peak, where the peak is a data-sheet figure on known
@@ -134,6 +142,58 @@ def run(config, steps: int, warmup: int = 2) -> dict:
     }
 
 
+def compare(config_path: str, overrides: list[str], variants: list[str], steps: int) -> list:
+    """Step-interleaved timing of config variants: one step of each in turn, `steps` rounds.
+
+    Separate runs on a shared VM drift by more than the differences worth measuring
+    (+-10% within minutes here); interleaving exposes every variant to the same drift.
+    """
+    configs = [
+        load_config(config_path, [*overrides, *(item for item in variant.split(",") if item)])
+        for variant in variants
+    ]  # All loaded (and validated) before the first compilation.
+    prepared, states = [], []
+    for variant_config in configs:
+        p = prepare_step(variant_config)
+        state = p.state
+        for _ in range(2):  # Warm-up.
+            state, metrics = p.step(state, p.batch)
+        jax.block_until_ready(metrics)
+        prepared.append(p)
+        states.append(state)
+    dtype = configs[0].model.dtype
+    peak, peak_source = peak_flops(dtype, fresh=True)
+    times = [[] for _ in variants]
+    for _ in range(steps):
+        for i, p in enumerate(prepared):
+            start = time.perf_counter()
+            states[i], metrics = p.step(states[i], p.batch)
+            jax.block_until_ready(metrics)
+            times[i].append(time.perf_counter() - start)
+    if peak_source.startswith("measured"):
+        peak = max(peak, peak_flops(dtype, fresh=True)[0])
+    medians = [float(np.median(t)) for t in times]
+    results = []
+    for variant, config, p, median, t in zip(variants, configs, prepared, medians, times):
+        flops = train_flops_per_step(
+            p.model_cfg, config.batch_size, with_captioning=config.loss.caption_weight > 0
+        )
+        results.append(
+            {
+                "variant": variant,
+                "step_seconds": median,
+                "step_seconds_min": float(np.min(t)),
+                "examples_per_sec": config.batch_size / median,
+                "mfu": flops / median / peak,
+                "step_ratio_to_first": median / medians[0],
+                "compile_seconds": p.compile_seconds,
+                "peak_flops": peak,
+                "steps": steps,
+            }
+        )
+    return results
+
+
 def compile_scaling(config, depths: list[int]) -> dict:
     """Compile seconds of the train step at several depths (all towers scaled alike).
 
@@ -173,8 +233,18 @@ def main(argv=None) -> int:
             default="",
             help="e.g. 2,12: report compile time at these depths instead",
         )
+        parser.add_argument(
+            "--compare",
+            nargs="+",
+            metavar="VARIANT",
+            help="time these variants (KEY=VALUE,... each; '' = as given) step by step in turn",
+        )
         args = parser.parse_args(rest)
         config = load_config(args.config, overrides)
+        if args.compare:
+            for line in compare(args.config, overrides, args.compare, args.steps):
+                print(json.dumps(line))
+            return 0
         if args.compile_depths:
             result = compile_scaling(config, [int(d) for d in args.compile_depths.split(",")])
         else:

@@ -58,3 +58,48 @@ def test_synthetic_batch_has_caption_layout():
     for row in tokens:
         eos = list(row).index(3)
         assert (row[eos + 1 :] == 0).all() and (row[1:eos] >= 4).all()
+
+
+@pytest.mark.parametrize("size", ["tiny", "bench", "small", "base", "large"])
+def test_config_file_keeps_what_the_size_chose(size):
+    """configs/coca.py sets dtypes only: a size's layout choice (bench unrolled) reaches the run."""
+    from mmjax.config_loading import model_size
+
+    model = load_config(f"configs/coca.py:size={size}").model.to_dict()
+    chosen = model_size(size)
+    differ = {k for k in chosen if model[k] != chosen[k]}
+    assert differ <= {"dtype", "param_dtype"}, differ
+
+
+def test_bench_size_is_the_contract_shape():
+    model = load_config("configs/coca.py:size=bench").model
+    assert (model.image_size, model.patch_size, model.caption_queries) == (64, 8, 256)
+    assert (model.vit_width, model.vit_layers, model.vit_heads) == (256, 4, 4)
+    assert (model.text_width, model.text_layers, model.text_heads) == (256, 4, 4)
+    assert (model.context_length, model.vocab_size, model.decoder_layers) == (32, 4000, 2)
+    assert model.embed_dim == 256 and model.dtype == "float32"
+    assert load_config("configs/coca.py:size=bench").batch_size == 64
+    # Unrolled for the CPU benchmark (see SIZES['bench']); every other size scans.
+    assert not model.scan_layers and model.remat == "none"
+
+
+@pytest.mark.slow
+def test_compare_times_each_variant_against_the_first(capsys):
+    argv = ["--config", "configs/coca.py:size=tiny", "--steps", "2"]
+    assert main([*argv, "--compare", "", "batch_size=32,model.remat=full"]) == 0
+    first, second = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines())
+    assert (first["variant"], second["variant"]) == ("", "batch_size=32,model.remat=full")
+    assert first["step_ratio_to_first"] == 1.0
+    assert second["step_ratio_to_first"] == pytest.approx(
+        second["step_seconds"] / first["step_seconds"]
+    )
+    # Each variant's own config counts: the second one trains 32 examples per step.
+    assert first["examples_per_sec"] == pytest.approx(64 / first["step_seconds"])
+    assert second["examples_per_sec"] == pytest.approx(32 / second["step_seconds"])
+    assert 0 < second["mfu"] < first["mfu"] * 4 and first["peak_flops"] == second["peak_flops"]
+
+
+def test_compare_names_a_bad_variant_before_compiling(capsys):
+    argv = ["--config", "configs/coca.py:size=tiny", "--compare", "", "model.nope=1"]
+    assert main(argv) == 2
+    assert "model.nope" in capsys.readouterr().err

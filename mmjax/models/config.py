@@ -318,6 +318,9 @@ SIZES: dict[str, dict[str, Any]] = {
         text_mlp_dim=1024,
         decoder_layers=2,
         embed_dim=256,
+        # Unrolled for the 2-core CPU benchmark: at 4 layers both layouts compile in ~10 s,
+        # and XLA:CPU's layer loop costs 5-15% of the step (BUILD_NOTES "Benchmark").
+        scan_layers=False,
     ),
     "small": _size(
         image_size=128,
