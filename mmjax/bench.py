@@ -89,37 +89,57 @@ def prepare_step(config) -> PreparedStep:
     return PreparedStep(model_cfg, mesh, abstract, state, compiled, batch, compile_seconds)
 
 
+def _warm_up(prepared: PreparedStep, steps: int = 2):
+    """(state, metrics) after `steps` untimed steps from the initial state."""
+    state = prepared.state
+    for _ in range(steps):
+        state, metrics = prepared.step(state, prepared.batch)
+    jax.block_until_ready(metrics)
+    return state, metrics
+
+
+def _timed_step(prepared: PreparedStep, state):
+    """(state, metrics, seconds) of one step, waited for."""
+    start = time.perf_counter()
+    state, metrics = prepared.step(state, prepared.batch)
+    jax.block_until_ready(metrics)
+    return state, metrics, time.perf_counter() - start
+
+
+def _peak_after_steps(dtype: str, peak: float, source: str) -> tuple[float, str]:
+    """A measured peak is measured again after the timed steps and the higher (steady-state)
+    rate kept, so a slow moment of this VM can only lower the MFU, never inflate it."""
+    if not source.startswith("measured"):
+        return peak, source
+    peak = max(peak, peak_flops(dtype, fresh=True)[0])
+    return peak, source + ", best of before and after the timed steps"
+
+
+def _model_flops(config, model_cfg: ModelConfig) -> float:
+    return train_flops_per_step(
+        model_cfg, config.batch_size, with_captioning=config.loss.caption_weight > 0
+    )
+
+
 def run(config, steps: int, warmup: int = 2) -> dict:
     prepared = prepare_step(config)
     model_cfg, mesh, abstract = prepared.model_cfg, prepared.mesh, prepared.abstract
-    state, compiled, batch = prepared.state, prepared.step, prepared.batch
-    compile_seconds = prepared.compile_seconds
-    cost = compiled.cost_analysis()
+    cost = prepared.step.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    for _ in range(warmup):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
+    state, metrics = _warm_up(prepared, warmup)
     peak, peak_source = peak_flops(model_cfg.dtype, fresh=True)
     times = []
     for _ in range(steps):  # Per-step times; the median resists this machine's noise.
-        start = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    if peak_source.startswith("measured"):
-        # Measured again after the steps; the higher (steady-state) rate is the peak, so
-        # a slow moment of this VM can only lower the MFU, never inflate it.
-        peak = max(peak, peak_flops(model_cfg.dtype, fresh=True)[0])
-        peak_source += ", best of before and after the timed steps"
+        state, metrics, seconds = _timed_step(prepared, state)
+        times.append(seconds)
+    peak, peak_source = _peak_after_steps(model_cfg.dtype, peak, peak_source)
     step_seconds = float(np.median(times))
-    flops = train_flops_per_step(
-        model_cfg, config.batch_size, with_captioning=config.loss.caption_weight > 0
-    )
+    flops = _model_flops(config, model_cfg)
     return {
         "examples_per_sec": config.batch_size / step_seconds,
         "step_seconds": step_seconds,
         "step_seconds_min": float(np.min(times)),
-        "compile_seconds": compile_seconds,
+        "compile_seconds": prepared.compile_seconds,
         "flops_per_step": flops,
         "xla_flops_per_step": float(cost.get("flops", float("nan"))) * jax.device_count(),
         "peak_flops": peak,
@@ -152,46 +172,31 @@ def compare(config_path: str, overrides: list[str], variants: list[str], steps: 
         load_config(config_path, [*overrides, *(item for item in variant.split(",") if item)])
         for variant in variants
     ]  # All loaded (and validated) before the first compilation.
-    prepared, states = [], []
-    for variant_config in configs:
-        p = prepare_step(variant_config)
-        state = p.state
-        for _ in range(2):  # Warm-up.
-            state, metrics = p.step(state, p.batch)
-        jax.block_until_ready(metrics)
-        prepared.append(p)
-        states.append(state)
+    prepared = [prepare_step(variant_config) for variant_config in configs]
+    states = [_warm_up(p)[0] for p in prepared]
     dtype = configs[0].model.dtype
     peak, peak_source = peak_flops(dtype, fresh=True)
     times = [[] for _ in variants]
     for _ in range(steps):
         for i, p in enumerate(prepared):
-            start = time.perf_counter()
-            states[i], metrics = p.step(states[i], p.batch)
-            jax.block_until_ready(metrics)
-            times[i].append(time.perf_counter() - start)
-    if peak_source.startswith("measured"):
-        peak = max(peak, peak_flops(dtype, fresh=True)[0])
+            states[i], _, seconds = _timed_step(p, states[i])
+            times[i].append(seconds)
+    peak, _ = _peak_after_steps(dtype, peak, peak_source)
     medians = [float(np.median(t)) for t in times]
-    results = []
-    for variant, config, p, median, t in zip(variants, configs, prepared, medians, times):
-        flops = train_flops_per_step(
-            p.model_cfg, config.batch_size, with_captioning=config.loss.caption_weight > 0
-        )
-        results.append(
-            {
-                "variant": variant,
-                "step_seconds": median,
-                "step_seconds_min": float(np.min(t)),
-                "examples_per_sec": config.batch_size / median,
-                "mfu": flops / median / peak,
-                "step_ratio_to_first": median / medians[0],
-                "compile_seconds": p.compile_seconds,
-                "peak_flops": peak,
-                "steps": steps,
-            }
-        )
-    return results
+    return [
+        {
+            "variant": variant,
+            "step_seconds": median,
+            "step_seconds_min": float(np.min(t)),
+            "examples_per_sec": config.batch_size / median,
+            "mfu": _model_flops(config, p.model_cfg) / median / peak,
+            "step_ratio_to_first": median / medians[0],
+            "compile_seconds": p.compile_seconds,
+            "peak_flops": peak,
+            "steps": steps,
+        }
+        for variant, config, p, median, t in zip(variants, configs, prepared, medians, times)
+    ]
 
 
 def compile_scaling(config, depths: list[int]) -> dict:
@@ -240,11 +245,11 @@ def main(argv=None) -> int:
             help="time these variants (KEY=VALUE,... each; '' = as given) step by step in turn",
         )
         args = parser.parse_args(rest)
-        config = load_config(args.config, overrides)
         if args.compare:
             for line in compare(args.config, overrides, args.compare, args.steps):
                 print(json.dumps(line))
             return 0
+        config = load_config(args.config, overrides)
         if args.compile_depths:
             result = compile_scaling(config, [int(d) for d in args.compile_depths.split(",")])
         else:

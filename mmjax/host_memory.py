@@ -60,11 +60,15 @@ def _tunables(environ: Mapping[str, str]) -> dict[str, str]:
     return {name: value for name, _, value in pairs}
 
 
+def _enabled(environ: Mapping[str, str]) -> bool:
+    return environ.get(ENV, "1") != "0"
+
+
 def missing_tunables(
     environ: Mapping[str, str], mode: str | None, glibc: tuple[int, ...] | None
 ) -> list[tuple[str, str]]:
     """The tunables to add to this environment (empty: no restart)."""
-    if environ.get(ENV, "1") == "0" or glibc is None or glibc < (2, 26):  # 2.26: tunables.
+    if not _enabled(environ) or glibc is None or glibc < (2, 26):  # 2.26: tunables.
         return []
     wanted = [KEEP_FREED, TRIM_THRESHOLD]
     if mode == "madvise" and glibc >= (2, 35):  # 'always' has huge pages already.
@@ -95,7 +99,7 @@ def tune_host_memory() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, sys.orig_argv, with_tunables(os.environ, missing))
-    if os.environ.get(ENV, "1") != "0" and keeps_freed_memory(os.environ):
+    if _enabled(os.environ) and keeps_freed_memory(os.environ):
         import jax
 
         jax.config.update("jax_cpu_enable_async_dispatch", False)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from mmjax.bench import main, synthetic_batch
-from mmjax.config_loading import load_config
+from mmjax.config_loading import load_config, model_size
 from mmjax.flops import train_flops_per_step
 from mmjax.models.config import ModelConfig
 
@@ -63,8 +63,6 @@ def test_synthetic_batch_has_caption_layout():
 @pytest.mark.parametrize("size", ["tiny", "bench", "small", "base", "large"])
 def test_config_file_keeps_what_the_size_chose(size):
     """configs/coca.py sets dtypes only: a size's layout choice (bench unrolled) reaches the run."""
-    from mmjax.config_loading import model_size
-
     model = load_config(f"configs/coca.py:size={size}").model.to_dict()
     chosen = model_size(size)
     differ = {k for k in chosen if model[k] != chosen[k]}
