@@ -4,10 +4,11 @@
   python -m mmjax.caption --workdir runs/coca_tiny --method beam --beam-size 4 images/*.jpg
   python -m mmjax.caption --workdir runs/coca_tiny --method sample --top-p 0.9 --seed 1 a.jpg
 
-Lines come in input order, written as each batch finishes. An image that cannot be read
-stops the command with `error: cannot read image PATH: REASON` and exit status 2 (files
-that do not exist are found before the model loads). Decoding options are those of
-`mmjax.generate.GenerateOptions`; --seed fixes sampling.
+Lines come in input order, written as each batch finishes. Files that do not exist or
+cannot be opened are all named in one line before the model loads (exit status 2); an
+image that cannot be decoded gets an `error: cannot read image PATH: REASON` line, the
+others are still captioned, and the command ends with a line counting them (exit status
+2). Decoding options are those of `mmjax.generate.GenerateOptions`; --seed fixes sampling.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 
 from mmjax.checkpoint import CheckpointError
 from mmjax.generate import METHODS, GenerateOptions
-from mmjax.predict import BadImage, Predictor, missing_file
+from mmjax.predict import BadImage, Predictor, unreadable_files
 
 # Flag -> GenerateOptions field; a flag left out keeps the field's default.
 OPTION_FLAGS = {
@@ -66,22 +67,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    problem = missing_file(args.images)
+    problem = unreadable_files(args.images)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    bad: list[BadImage] = []
     try:
         predictor = Predictor.from_workdir(args.workdir, args.step)
         for batch, texts in predictor.caption_batches(
             args.images, options, seed=args.seed, batch_size=args.batch_size
         ):
-            if batch.bad:
-                raise batch.bad[0][1]
+            for _, error in batch.bad:  # The others are still captioned.
+                print(f"error: {error}", file=sys.stderr, flush=True)
+                bad.append(error)
             for position, text in zip(batch.positions, texts):
                 print(f"{args.images[position]}\t{one_line(text)}")
             sys.stdout.flush()
-    except (BadImage, FileNotFoundError, CheckpointError, ValueError) as e:
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if bad:
+        print(
+            f"error: {len(bad)} of {len(args.images)} images could not be read "
+            f"({', '.join(e.name for e in bad[:10])}{', ...' if len(bad) > 10 else ''}); "
+            "the others are captioned",
+            file=sys.stderr,
+        )
         return 2
     return 0
 

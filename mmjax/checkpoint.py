@@ -15,6 +15,9 @@ unfinished tmp directory, which orbax never lists as a step and which
 `remove_incomplete()` deletes. A checkpoint that is damaged afterwards (a
 truncated file, a missing item, no commit marker) is found by
 `restore_latest()`, reported in one line, and the next older one is used.
+Only evidence of damage counts: any other failure (a tree that does not match the
+config, permissions, an I/O error, memory) is a `RestoreFailed` that stops the
+caller with its real message and sets nothing aside.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,17 +46,36 @@ class CheckpointError(RuntimeError):
 
 
 class UnreadableCheckpoint(CheckpointError):
+    """Evidence that a checkpoint is damaged (a missing or truncated file, no commit marker,
+    a parse or decompression failure): it may be set aside and an older one used."""
+
     def __init__(self, directory: Path, step: int, reason: str):
         super().__init__(f"checkpoint {step} in {directory} is unreadable ({reason})")
         self.step, self.reason = step, reason
 
 
-def _reason(error: BaseException) -> str:
-    """The most specific line of an exception chain (TensorStore wraps the real cause)."""
+class RestoreFailed(CheckpointError):
+    """A restore that failed for a reason other than damage (a tree that does not match the
+    config, permissions, an I/O error, memory): the run stops and nothing is set aside."""
+
+    def __init__(self, directory: Path, step: int, reason: str):
+        super().__init__(
+            f"cannot restore checkpoint {step} in {directory}: {reason} "
+            "(the checkpoint is not damaged; nothing was set aside)"
+        )
+        self.step, self.reason = step, reason
+
+
+def _chain(error: BaseException) -> list[BaseException]:
     chain = [error]
     while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 8:
         chain.append(nxt)
-    for exc in reversed(chain):  # Innermost first: e.g. "OUT_OF_RANGE: ... value of size N".
+    return chain
+
+
+def _reason(error: BaseException) -> str:
+    """The most specific line of an exception chain (TensorStore wraps the real cause)."""
+    for exc in reversed(_chain(error)):  # Innermost first: "OUT_OF_RANGE: ... value of size N".
         text = str(exc).strip()
         if text:
             line = text.splitlines()[0]
@@ -60,13 +83,62 @@ def _reason(error: BaseException) -> str:
     return type(error).__name__
 
 
-def _all_processes_agree(ok: bool) -> bool:
-    """True when `ok` holds on every process (a collective when there are several)."""
+# What TensorStore and the decompressors say when bytes on disk are missing or wrong.
+_DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE")
+_DAMAGE_WORDS = ("Truncated", "truncated", "decompress", "Unknown frame descriptor", "corrupt")
+
+
+def damage_reason(error: BaseException, step_dir: Path) -> str | None:
+    """The reason when `error` (raised while restoring from `step_dir`) is evidence of damage,
+    else None: only missing or cut files, undecodable bytes and unparsable metadata count."""
+    inside = str(step_dir)
+    for exc in _chain(error):
+        text = str(exc)
+        if isinstance(exc, json.JSONDecodeError):
+            return f"unparsable metadata: {_reason(exc)}"
+        if isinstance(exc, FileNotFoundError) and inside in str(exc.filename or text):
+            return f"missing file: {_reason(exc)}"
+        if "NOT_FOUND" in text and inside in text:
+            return f"missing file: {_reason(exc)}"
+        if any(code in text for code in _DAMAGE_CODES) or any(w in text for w in _DAMAGE_WORDS):
+            return _reason(exc)
+    return None
+
+
+def _is_restore_echo(unraisable) -> bool:
+    """Whether an unraisable exception is an echo of a restore that already failed: orbax's
+    sibling reads of the failed array, garbage-collected with their exceptions, and
+    TensorStore completing reads after orbax's event loop closed ('Event loop is closed')."""
+    value, obj = unraisable.exc_value, unraisable.object
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+        return True
+    code = getattr(obj, "cr_code", None)  # A coroutine object.
+    return code is not None and "orbax" in code.co_filename
+
+
+def _quiet_restore_echoes() -> None:
+    """A failed restore leaves hundreds of such echoes, each printed as a traceback through
+    sys.unraisablehook: they bury the one line saying what happened, so they are dropped
+    (the failure itself is raised and reported). Other unraisable exceptions still print."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_mmjax_quiet", False):
+        return
+
+    def hook(unraisable):
+        if not _is_restore_echo(unraisable):
+            previous(unraisable)
+
+    hook._mmjax_quiet = True
+    sys.unraisablehook = hook
+
+
+def _all_processes_max(value: int) -> int:
+    """The largest `value` over all processes (a collective when there are several)."""
     if jax.process_count() == 1:
-        return ok
+        return value
     distributed.align_processes("agree")
-    flags = multihost_utils.process_allgather(np.asarray([int(ok)], np.int32), tiled=True)
-    return bool(np.all(np.asarray(flags)))
+    values = multihost_utils.process_allgather(np.asarray([value], np.int32), tiled=True)
+    return int(np.max(np.asarray(values)))
 
 
 class _Manager(ocp.CheckpointManager):
@@ -94,10 +166,11 @@ class _Manager(ocp.CheckpointManager):
 
 class Checkpointer:
     def __init__(self, directory: str | Path, *, max_to_keep: int = 3, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+        self.directory = Path(os.path.abspath(directory))  # orbax takes absolute paths only
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
         )
+        _quiet_restore_echoes()
         self._manager = _Manager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -129,7 +202,9 @@ class Checkpointer:
         """Why checkpoint `step` is incomplete on disk, or None when it looks whole.
 
         Cheap (no array data is read) and the same on every process of a shared
-        filesystem; a truncated array file is only found by restoring.
+        filesystem: the commit marker, both items and the metadata files that orbax
+        needs to make sense of the arrays (without them it fails with misleading tree
+        errors); a truncated array file is only found by restoring.
         """
         path = self.directory / str(step)
         if not (path / COMMIT_MARKER).is_file():
@@ -137,68 +212,145 @@ class Checkpointer:
         for item in ITEMS:
             if not (path / item).is_dir():
                 return f"item '{item}' is missing"
-        try:
-            json.loads((path / "_CHECKPOINT_METADATA").read_text())
-        except (OSError, ValueError) as e:
-            return f"_CHECKPOINT_METADATA: {_reason(e)}"
+        metadata = {}
+        for name in ("_CHECKPOINT_METADATA", "state/_METADATA", "data/metadata"):
+            try:
+                metadata[name] = json.loads((path / name).read_text())
+            except FileNotFoundError:
+                return f"{name} is missing"
+            except (OSError, ValueError) as e:
+                return f"{name}: {_reason(e)}"
+        state_meta = metadata["state/_METADATA"]
+        if isinstance(state_meta, dict) and state_meta.get("use_ocdbt"):
+            if not (path / "state" / "manifest.ocdbt").is_file():
+                return "state/manifest.ocdbt is missing"
         return None
+
+    def _restore(self, step: int, read: Callable[[Path], Any]) -> Any:
+        """read(step directory) with the failure classified: UnreadableCheckpoint for
+        evidence of damage, RestoreFailed for anything else (the real message kept)."""
+        reason = self.check(step)
+        if reason is not None:
+            raise UnreadableCheckpoint(self.directory, step, reason)
+        path = self.directory / str(step)
+        try:
+            return read(path)
+        except Exception as e:  # Classified, never swallowed: MemoryError included.
+            damage = damage_reason(e, path)
+            if damage is not None:
+                raise UnreadableCheckpoint(self.directory, step, damage) from None
+            raise RestoreFailed(self.directory, step, _reason(e)) from None
 
     def restore(self, step: int, abstract_state: Any) -> Any:
         """Restores onto the shardings carried by `abstract_state`'s ShapeDtypeStructs.
 
-        Raises UnreadableCheckpoint (one line) when the checkpoint is damaged.
+        Raises UnreadableCheckpoint (one line) when the checkpoint is damaged, RestoreFailed
+        when it is not but cannot be restored (e.g. a tree that does not match the config).
         """
-        reason = self.check(step)
-        if reason is None:
-            try:
-                restored = self._manager.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+
+        def read(_):
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+            )
+            return restored.state
+
+        return self._restore(step, read)
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the parameters of checkpoint `step` (no optimizer state is read): also
+        reads mmjax.convert's parameters-only checkpoints."""
+
+        def read(path):
+            item = {"params": abstract_params}
+            restored = ocp.PyTreeCheckpointer().restore(
+                path / "state",
+                args=ocp.args.PyTreeRestore(
+                    item=item,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                    partial_restore=True,
+                ),
+            )
+            params = restored["params"]
+            # A partial restore hands back what the checkpoint lacks as the abstract leaf.
+            missing = [
+                jax.tree_util.keystr(path)
+                for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+                if isinstance(leaf, jax.ShapeDtypeStruct)
+            ]
+            if missing:
+                raise ValueError(
+                    f"the checkpoint has no parameter {missing[0]} ({len(missing)} missing): "
+                    "it is not of this model"
                 )
-                return restored.state
-            except Exception as e:  # TensorStore, JSON, missing files: all mean "unreadable".
-                reason = _reason(e)
-        raise UnreadableCheckpoint(self.directory, step, reason)
+            return params
+
+        return self._restore(step, read)
 
     def restore_meta(self, step: int) -> dict:
         """The JSON written beside the state by save()."""
-        try:
+
+        def read(_):
             restored = self._manager.restore(
                 step, args=ocp.args.Composite(data=ocp.args.JsonRestore())
             )
-        except Exception as e:
-            raise UnreadableCheckpoint(self.directory, step, _reason(e)) from None
-        return dict(restored.data)
+            return dict(restored.data)
+
+        return self._restore(step, read)
 
     def restore_latest(
-        self, abstract_state: Any, warn: Callable[[str], None] = print
+        self,
+        abstract: Any,
+        warn: Callable[[str], None] = print,
+        *,
+        step: int | None = None,
+        params_only: bool = False,
     ) -> tuple[int, Any, dict, list[int]]:
-        """(step, state, meta, unreadable newer steps) of the newest checkpoint that restores.
+        """(step, state, meta, unreadable newer steps) of the newest checkpoint that restores
+        (or of `step`); with `params_only`, `abstract` is the params tree and so is the result.
 
-        Tries the steps newest to oldest; each one skipped is reported through
-        `warn` in one line. All processes take the same decision. Raises
+        Tries the steps newest to oldest, past damaged ones only; each one skipped is
+        reported through `warn` in one line, with the step used. All processes take the same
+        decision. Raises RestoreFailed at once for a failure that is not damage, and
         CheckpointError when there is no checkpoint or none is readable.
         """
         steps = sorted(self.all_steps(), reverse=True)
+        if step is not None:
+            if step not in steps:
+                raise CheckpointError(
+                    f"no checkpoint {step} in {self.directory}; there are {steps}"
+                )
+            steps = [step]
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         failures: list[UnreadableCheckpoint] = []
-        for step in steps:
-            state = meta = None
+        for candidate in steps:
+            state = meta = failure = None
+            error: RestoreFailed | None = None
             try:
-                state = self.restore(step, abstract_state)
-                meta = self.restore_meta(step)
+                if params_only:
+                    state, meta = self.restore_params(candidate, abstract), {}
+                else:
+                    state = self.restore(candidate, abstract)
+                    meta = self.restore_meta(candidate)
             except UnreadableCheckpoint as e:
                 failure = e
-            else:
-                failure = None
-            # A file damaged in one process's shards fails only there: everyone moves on.
-            agreed = _all_processes_agree(failure is None)
-            if failure is None and not agreed:
-                failure = UnreadableCheckpoint(self.directory, step, "unreadable on another host")
+            except RestoreFailed as e:
+                error = e
+            # A file damaged in one process's shards fails only there: everyone moves on;
+            # a failure that is not damage stops every process.
+            verdict = _all_processes_max(2 if error else 1 if failure else 0)
+            if verdict == 2:
+                raise error or RestoreFailed(
+                    self.directory, candidate, "it failed on another process"
+                )
+            if verdict == 1 and failure is None:
+                failure = UnreadableCheckpoint(
+                    self.directory, candidate, "unreadable on another host"
+                )
             if failure is None:
                 for bad in failures:
-                    warn(f"{bad}; using {step}")
-                return step, state, meta, [bad.step for bad in failures]
+                    warn(f"{bad}; using {candidate}")
+                return candidate, state, meta, [bad.step for bad in failures]
             failures.append(failure)
         raise CheckpointError(
             f"no readable checkpoint in {self.directory}: "

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from mmjax.checkpoint import CheckpointError
-from mmjax.predict import BadImage, Predictor, missing_file
+from mmjax.predict import BadImage, Predictor, unreadable_files
 from mmjax.zeroshot import read_classes, read_templates
 
 
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    problem = missing_file(args.images)
+    problem = unreadable_files(args.images)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2

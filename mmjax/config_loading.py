@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import importlib.util
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -162,7 +163,29 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
             raise ConfigError(f"override --config.{item} needs a value: --config.{key}=VALUE")
         apply_override(config, key, value)
     validate(config)
+    absolute_paths(config)
     return config
+
+
+def absolute_paths(config: ml_collections.ConfigDict) -> None:
+    """Makes the paths a config names absolute (against the working directory), so that
+    config.json names the same files whichever folder a later command runs from."""
+    from mmjax.data.sources import absolute_mixture, absolute_spec
+
+    with config.data.ignore_type():
+        config.data.train = absolute_mixture(config.data.train)
+    config.data.eval = absolute_spec(config.data.eval)
+    if config.data.get("tokenizer"):
+        config.data.tokenizer = os.path.abspath(os.path.expanduser(config.data.tokenizer))
+    if config.get("init_from"):
+        config.init_from = os.path.abspath(os.path.expanduser(config.init_from))
+    for block in (config.get("evals") or {}).values():
+        for key in ("data", "train_data"):
+            try:
+                if block.get(key):
+                    block[key] = absolute_spec(block[key])
+            except ValueError:
+                pass  # Not a spec: the evaluator names it when it is built.
 
 
 def split_config_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:

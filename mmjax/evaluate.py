@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import jax
 
-from mmjax import distributed
+from mmjax import distributed, paths
 from mmjax.config_loading import ConfigError
 from mmjax.host_memory import tune_host_memory
 
@@ -27,6 +26,7 @@ from mmjax.host_memory import tune_host_memory
 def main(argv=None) -> int:
     from mmjax.checkpoint import CheckpointError
     from mmjax.config_loading import apply_override, from_json_file, split_config_flags
+    from mmjax.data.stats import DataError
     from mmjax.predict import restore_params
     from mmjax.train import Trainer  # Same model, mesh and tokenizer set-up as training.
 
@@ -48,12 +48,10 @@ def main(argv=None) -> int:
     except distributed.DistributedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    workdir = Path(args.workdir)
-    if not (workdir / "config.json").is_file():
-        print(
-            f"error: {workdir}/config.json not found: is --workdir a training directory?",
-            file=sys.stderr,
-        )
+    try:
+        workdir = paths.run_dir(args.workdir)
+    except paths.PathError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     config = from_json_file(workdir / "config.json")
     try:
@@ -71,6 +69,9 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except DataError as e:  # An eval source with no usable sample.
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     suite = trainer.evaluator
     only = [name for name in args.only.split(",") if name] or None
     unknown = sorted(set(only or ()) - {"default", *suite.named})

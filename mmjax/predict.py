@@ -36,11 +36,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from PIL import Image
 
+from mmjax import paths
 from mmjax import sharding as shd
-from mmjax.checkpoint import Checkpointer, CheckpointError, _reason
+from mmjax.checkpoint import Checkpointer, CheckpointError
 from mmjax.config_loading import from_json_file
 from mmjax.data.clips import load_clip, read_frame_folder
 from mmjax.data.csv_source import read_file
@@ -163,18 +163,26 @@ def image_batches(
             yield ImageBatch(positions, array, bad)
 
 
-def missing_file(paths: Sequence[str | os.PathLike]) -> str | None:
-    """A one-line error for the first path that is not a readable file, else None.
+def unreadable_files(paths: Sequence[str | os.PathLike]) -> str | None:
+    """One line naming every path that is not a readable file or folder, else None.
 
     Cheap (no decoding): CLIs call it before loading a model. A folder passes (a video
     model's clip of frames; an image model reports it when it reads it).
     """
+    problems = []
     for path in paths:
         if not (os.path.isfile(path) or os.path.isdir(path)):
-            return f"cannot read image {path}: no such file"
-        if not os.access(path, os.R_OK):
-            return f"cannot read image {path}: permission denied"
-    return None
+            problems.append(f"{path} (no such file)")
+        elif not os.access(path, os.R_OK):
+            problems.append(f"{path} (permission denied)")
+    if not problems:
+        return None
+    if len(problems) == 1:
+        return f"cannot read image {problems[0].replace(' (', ': ', 1)[:-1]}"
+    shown = ", ".join(problems[:10]) + (
+        f", and {len(problems) - 10} more" if len(problems) > 10 else ""
+    )
+    return f"cannot read {len(problems)} of {len(paths)} images: {shown}"
 
 
 def inference_mesh(config_mesh: dict, devices: Sequence[Any] | None = None, warn=None):
@@ -203,46 +211,17 @@ def restore_params(
 
     Raises CheckpointError (one line) when the step is missing or nothing is readable.
     """
-    directory = Path(checkpoints)
+    directory = Path(os.path.abspath(checkpoints))
     if not directory.is_dir():
         raise CheckpointError(f"no checkpoint directory {directory}")
     checkpointer = Checkpointer(directory, async_save=False)
     try:
-        steps = sorted(checkpointer.all_steps(), reverse=True)
-        if step is not None:
-            if step not in steps:
-                raise CheckpointError(f"no checkpoint {step} in {directory}; there are {steps}")
-            steps = [step]
-        if not steps:
-            raise CheckpointError(f"no checkpoint in {directory}")
-        failures = []
-        for candidate in steps:
-            reason = checkpointer.check(candidate)
-            if reason is None:
-                try:
-                    return candidate, _restore_item(directory / str(candidate), abstract)
-                except Exception as e:  # TensorStore, JSON, missing files: all mean unreadable.
-                    reason = _reason(e)
-            failures.append(f"{candidate} ({reason})")
-            if warn is not None and candidate != steps[-1]:
-                warn(f"checkpoint {candidate} in {directory} is unreadable ({reason})")
-        raise CheckpointError(f"no readable checkpoint in {directory}: " + "; ".join(failures))
+        found, params, _, _ = checkpointer.restore_latest(
+            abstract, warn or (lambda _: None), step=step, params_only=True
+        )
+        return found, params
     finally:
         checkpointer.close()
-
-
-def _restore_item(path: Path, abstract: Any) -> Any:
-    # Partial restore: the optimizer state and the rest of the train state stay on disk.
-    item = {"params": abstract}
-    restored = ocp.PyTreeCheckpointer().restore(
-        path / "state",
-        args=ocp.args.PyTreeRestore(
-            item=item,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-            partial_restore=True,
-        ),
-    )
-    return restored["params"]
 
 
 def _stderr(message: str) -> None:
@@ -319,11 +298,8 @@ class Predictor:
     ) -> Predictor:
         """Loads WORKDIR/config.json, the tokenizer and checkpoint `step` (default: newest
         readable). Raises FileNotFoundError / CheckpointError / ValueError in one line."""
-        workdir = Path(workdir)
-        config_path = workdir / "config.json"
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path} not found: is {workdir} a training workdir?")
-        config = from_json_file(config_path)
+        workdir = paths.run_dir(workdir)  # PathError (a ValueError) in one line
+        config = from_json_file(workdir / "config.json")
         model_cfg = ModelConfig.from_mapping(config.model.to_dict())
         model = CoCa(model_cfg)
         tokenizer_path = Path(config.data.get("tokenizer", "") or workdir / "tokenizer.model")

@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from mmjax import paths
 from mmjax.config_loading import ConfigError, load_config, load_module, split_config_flags
 from mmjax.host_memory import tune_host_memory
 
@@ -375,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args, overrides = parse_args(argv)
         only = [n for n in args.only.split(",") if n] if args.only is not None else None
+        paths.workdir(args.workdir)  # A file there: one line, before anything runs.
         if not args.print:
             import jax
 
@@ -383,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         statuses = run_sweep(
             args.config, args.workdir, only=only, overrides=overrides, print_only=args.print
         )
-    except ConfigError as e:
+    except (ConfigError, paths.PathError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if any(status == "interrupted" for status in statuses.values()):

@@ -247,11 +247,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         source = make_source(args.source, split="train", data=data, image_size=32, frames=None)
         captions = read_captions([source], args.max_captions, progress=True)
+        if not captions:
+            raise ValueError(f"{source.name}: no usable caption among its {len(source)} samples")
         tokenizer = train_tokenizer(captions, args.out, args.vocab_size)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}: vocabulary {tokenizer.vocab_size}, from {len(captions)} captions")
+    note = ""
+    if tokenizer.vocab_size < args.vocab_size:
+        note = (
+            f" (below --vocab-size {args.vocab_size}, an upper bound: these captions hold no "
+            "more distinct pieces)"
+        )
+    print(
+        f"wrote {args.out}: vocabulary {tokenizer.vocab_size}{note}, "
+        f"from {len(captions)} captions"
+    )
     return 0
 
 

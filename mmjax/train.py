@@ -24,10 +24,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from mmjax import distributed, run_record
+from mmjax import distributed, paths, run_record
 from mmjax import sharding as shd
 from mmjax.checkpoint import Checkpointer, CheckpointError
 from mmjax.config_loading import (
@@ -37,7 +36,7 @@ from mmjax.config_loading import (
     split_config_flags,
     to_json,
 )
-from mmjax.data.pipeline import train_batches
+from mmjax.data.pipeline import require_usable, train_batches
 from mmjax.data.preprocess import ImageOptions
 from mmjax.data.sources import make_source, parse_mixture
 from mmjax.data.stats import DataError, DataStats
@@ -391,7 +390,7 @@ class Trainer:
         self, config: ml_collections.ConfigDict, workdir: str | Path, *, for_eval: bool = False
     ):
         self.config = config
-        self.workdir = Path(workdir)
+        self.workdir = paths.absolute(workdir)
         self.is_chief = jax.process_index() == 0
         if config.get("init_from", ""):
             adopt_init_from(config)
@@ -415,7 +414,11 @@ class Trainer:
             ]
         except (ValueError, OSError) as e:  # Missing file, missing column, bad shard...
             raise ConfigError(f"data.train: {e}") from None
+        for source in self.train_sources:  # Before the tokenizer trains on their captions.
+            require_usable(source, self.image_options(train=False), "data.train")
         self.train_weights = [weight for _, weight in mixture]
+        # Global counts on every process: every step's rows are summed on the devices
+        # (`_sum_counts`, read with the step's metrics), so all processes judge the same.
         self.data_stats = DataStats([source.name for source in self.train_sources])
         self.tokenizer = self._tokenizer(for_eval)
         self.tx = make_optimizer(config)
@@ -428,6 +431,9 @@ class Trainer:
             raise ConfigError(str(e)) from None
         self.checkpointer = Checkpointer(
             self.workdir / "checkpoints", max_to_keep=config.keep_checkpoints
+        )
+        self._sum_counts = jax.jit(
+            lambda rows: jnp.sum(rows, axis=0), out_shardings=shd.replicated(self.mesh)
         )
         self.evaluator = EvalSuite(
             config, self.model, self.mesh, self.rules, self.tokenizer, workdir=self.workdir
@@ -493,21 +499,12 @@ class Trainer:
             meta = self.checkpointer.restore_meta(step)
         self.nan_skipped_steps = int(meta.get("nan_skipped_steps", 0))
         saved = meta.get("data_counts")
-        # The counters are global sums: kept on process 0 so that sums stay right.
-        if saved is not None and self.is_chief:
+        if saved is not None:  # Global sums, as every process keeps them.
             try:
                 self.data_stats.load_json(saved)
             except ValueError as e:
                 self._log(f"data counters start from zero: {e}")
         return step
-
-    def _global_data_counts(self) -> np.ndarray:
-        """Data counters summed over processes (a collective: every process calls it)."""
-        counts = self.data_stats.counts
-        if jax.process_count() > 1:
-            gathered = multihost_utils.process_allgather(counts[None], tiled=True)
-            counts = np.asarray(gathered).sum(axis=0)
-        return counts
 
     def compile_step(self):
         return compile_train_step(
@@ -519,6 +516,11 @@ class Trainer:
             self.abstract_state,
             self.state_shardings,
         )
+
+    def _to_global(self, counts: np.ndarray) -> jax.Array:
+        """This process's per-row data counters [b, S, C] as rows of one global array."""
+        sharding = shd.batch_sharding(self.mesh, self.rules, counts.ndim)
+        return jax.make_array_from_process_local_data(sharding, counts)
 
     def _to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         shardings = batch_shardings(self.mesh, self.rules, self.model_cfg)
@@ -611,21 +613,61 @@ class Trainer:
             mininterval=0.5 if sys.stderr.isatty() else 30,
         )
         window: list[dict[str, float]] = []
-        pending = None  # (step, device metrics) of the step before, read one step late.
+        pending = None  # (step, device metrics, device data counts), read one step late.
         window_start, window_steps = time.perf_counter(), 0
         last_eval: dict[str, float] = {}
+
+        def read_pending():
+            """Appends the pending step's metrics to the window; checks its loss (NaN) and
+            the data counters (too many bad samples), raising to stop the run."""
+            nonlocal pending, last_read
+            step, metrics, counts = pending
+            pending, last_read = None, step
+            window.append(self._checked(step, metrics))
+            self.data_stats.add(np.asarray(jax.device_get(counts)))
+            for warning in self.data_stats.check(
+                cfg.data.max_skip_fraction, cfg.data.min_samples_for_skip_check
+            ):
+                source = warning.split(":", 1)[0]
+                if source not in warned:  # Loud once per source; metrics.jsonl keeps it.
+                    warned.add(source)
+                    self._log(f"WARNING: {warning}")
+
+        def write_window(step):
+            nonlocal window
+            elapsed = time.perf_counter() - window_start
+            summary = {k: _finite_mean([m[k] for m in window]) for k in window[0]}
+            if cfg.train.on_nan == "skip":
+                summary["nan_skipped_steps"] = float(self.nan_skipped_steps)
+            summary["examples_per_sec"] = window_steps * cfg.batch_size / elapsed
+            summary["step_seconds"] = elapsed / window_steps
+            summary["mfu"] = flops_per_step * window_steps / elapsed / peak
+            summary.update(self.data_stats.metrics())
+            over = self.data_stats.over_limit(cfg.data.max_skip_fraction)
+            if over:  # Below min_samples_for_skip_check (above it the run has stopped).
+                summary["data/over_skip_fraction"] = max(bad / seen for _, bad, seen, _ in over)
+            writer.write(step, summary)
+            bar.set_postfix(
+                loss=f"{summary['loss']:.3f}",
+                ex_s=f"{summary['examples_per_sec']:.0f}",
+                mfu=f"{summary['mfu']:.2f}",
+            )
+            window = []
+
+        warned: set[str] = set()
+        last_read = start_step
         end = cfg.total_steps
         if start_step < end and stop.should_stop(start_step):  # Signalled while starting up.
             self.preempted_at = end = start_step
         try:
             for step in range(start_step + 1, end + 1):
                 batch = next(batches)
-                self.data_stats.add(batch.pop("counts"))
+                counts = self._sum_counts(self._to_global(batch.pop("counts")))
                 batch = self._to_device(batch)
                 self.state, metrics = step_fn(self.state, batch)
                 if pending is not None:  # Reading the previous step keeps the device queue full.
-                    window.append(self._checked(*pending))
-                pending = (step, metrics)
+                    read_pending()
+                pending = (step, metrics, counts)
                 window_steps += 1
                 bar.update(1)
                 stopping = stop.should_stop(step) and step < cfg.total_steps
@@ -636,35 +678,16 @@ class Trainer:
                 do_eval = (self.evaluator.due(step) or boundary) and not stopping
                 if not (do_log or do_ckpt or do_eval):
                     continue
-                window.append(self._checked(*pending))  # Never save a state whose loss is NaN.
-                pending = None
-                data_counts = self._global_data_counts()
-                self.data_stats.check(
-                    cfg.data.max_skip_fraction, cfg.data.min_samples_for_skip_check, data_counts
-                )
+                read_pending()  # Never save a state whose loss is NaN.
                 if do_log:
-                    elapsed = time.perf_counter() - window_start
-                    summary = {k: _finite_mean([m[k] for m in window]) for k in window[0]}
-                    if cfg.train.on_nan == "skip":
-                        summary["nan_skipped_steps"] = float(self.nan_skipped_steps)
-                    summary["examples_per_sec"] = window_steps * cfg.batch_size / elapsed
-                    summary["step_seconds"] = elapsed / window_steps
-                    summary["mfu"] = flops_per_step * window_steps / elapsed / peak
-                    summary.update(self.data_stats.metrics(data_counts))
-                    writer.write(step, summary)
-                    bar.set_postfix(
-                        loss=f"{summary['loss']:.3f}",
-                        ex_s=f"{summary['examples_per_sec']:.0f}",
-                        mfu=f"{summary['mfu']:.2f}",
-                    )
-                    window = []
+                    write_window(step)
                 if do_ckpt:
                     self.checkpointer.save(
                         step,
                         self.state,
                         batch_size=cfg.batch_size,
                         extra_meta={
-                            "data_counts": self.data_stats.to_json(data_counts),
+                            "data_counts": self.data_stats.to_json(),
                             "nan_skipped_steps": self.nan_skipped_steps,
                         },
                     )
@@ -684,14 +707,25 @@ class Trainer:
                 if stopping:
                     self.preempted_at = step
                     break
-        except (TrainingDiverged, DataError):
+        except DataError:
+            if window:  # The steps trained up to the one whose counters stopped the run.
+                write_window(last_read)
             self.checkpointer.wait()  # Let saves of earlier, good states complete.
+            raise
+        except TrainingDiverged:
+            self.checkpointer.wait()
             raise
         finally:
             bar.close()
             writer.close()
+            batches.close()  # grain's workers exit now, not at interpreter shutdown.
         self.checkpointer.wait()  # Still under the stop handlers: a second signal waits too.
-        self._log("data: " + self.data_stats.summary(self._global_data_counts()))
+        self._log("data: " + self.data_stats.summary())
+        for source, bad, seen, _ in self.data_stats.over_limit(cfg.data.max_skip_fraction):
+            self._log(
+                f"WARNING: source {source}: {bad} of {seen} samples were bad "
+                f"({bad / seen:.1%} > data.max_skip_fraction={cfg.data.max_skip_fraction})"
+            )
         return last_eval
 
     def image_options(self, *, train: bool) -> ImageOptions:
@@ -751,12 +785,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args, overrides = parse_args(argv)
+        workdir = paths.workdir(args.workdir)
         distributed.initialize()  # Before anything touches the devices.
         config = load_config(args.config, overrides)
-        trainer = Trainer(config, args.workdir)
-    except (ConfigError, FileNotFoundError, distributed.DistributedError) as e:
+        trainer = Trainer(config, workdir)
+    except (ConfigError, paths.PathError, FileNotFoundError, distributed.DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except DataError as e:  # A source with no usable sample.
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     try:
         trainer.fit()
     except (run_record.RunRefused, CheckpointError) as e:  # Workdir in use, config changed,

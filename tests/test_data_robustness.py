@@ -45,6 +45,7 @@ BAD = {  # reason -> (image bytes or None for a missing file, caption)
     "unknown_format": (b"this is not an image at all", "a caption"),
     "too_many_pixels": (_png(0, size=(200, 100)), "a caption"),
     "too_few_frames": (None, "a caption"),  # a short clip (tests/test_video.py): raised as is
+    "truncated_member": (None, "a caption"),  # a cut tar member (tests/test_sources.py)
     "empty_caption": (_png(0), "   \n "),
     "caption_not_utf8": (_png(0), b"caf\xe9 au lait"),
 }
@@ -100,7 +101,7 @@ def tokenizer(tmp_path_factory):
 
 def _bad_every_kind(num=40):
     """Bad samples of every reason at fixed indices, the rest good."""
-    return {3 + 5 * i: reason for i, reason in enumerate(REASONS)}
+    return {3 + 4 * i: reason for i, reason in enumerate(REASONS)}
 
 
 def test_eval_counts_every_kind_of_bad_sample_exactly(tokenizer):
@@ -137,7 +138,8 @@ def test_train_skips_bad_samples_and_counts_every_read(tokenizer):
         prefetch=0,
     )
     taken = list(itertools.islice(batches, 10))  # Two epochs' worth of positions.
-    counts = sum(batch["counts"] for batch in taken)
+    assert taken[0]["counts"].shape == (8, 1, len(COLUMN))  # One row of counters per example.
+    counts = sum(batch["counts"].sum(axis=0) for batch in taken)
     seen = [_index_of(image) for batch in taken for image in batch["images"]]
     assert not set(seen) & set(bad), "a bad sample reached a batch"
     assert counts[0, COLUMN["used"]] == 80
@@ -187,8 +189,12 @@ def test_skip_fraction_threshold_names_source_and_commonest_reason():
     counts[1, COLUMN["empty_file"]] = 5
     counts[1, COLUMN["corrupt_image"]] = 15  # 20% bad, mostly corrupt
     stats.add(counts)
-    stats.check(0.25, 100)  # Under the threshold.
-    stats.check(0.05, 101)  # wds:b.tar has seen only 100 samples: not judged yet.
+    assert stats.check(0.25, 100) == []  # Under the threshold.
+    # wds:b.tar has seen only 100 samples: not judged yet, but a warning says what it found.
+    (warning,) = stats.check(0.05, 101)
+    assert warning.startswith("source wds:b.tar: 20 of 100 samples read were bad (20.0% > ")
+    assert "goes on only because fewer than data.min_samples_for_skip_check=101" in warning
+    assert stats.over_limit(0.05) == [("wds:b.tar", 20, 100, "corrupt_image")]
     with pytest.raises(DataError, match=r"wds:b\.tar: 20 of 100 .*commonest reason: corrupt_image"):
         stats.check(0.05, 100)
     metrics = stats.metrics()
@@ -218,7 +224,7 @@ def test_mixture_follows_weights(tokenizer, weights):
     taken = list(itertools.islice(batches, 20))
     picks = np.array([_index_of(image) >= 1000 for batch in taken for image in batch["images"]])
     assert abs(picks.mean() - weights[1] / sum(weights)) < 0.01
-    counts = sum(batch["counts"] for batch in taken)
+    counts = sum(batch["counts"].sum(axis=0) for batch in taken)
     assert counts[:, COLUMN["used"]].tolist() == [(~picks).sum(), picks.sum()]
     if weights[1] > 0.5:  # The 10-sample source repeats many times over.
         assert len({i for i in picks.nonzero()[0]}) > 10

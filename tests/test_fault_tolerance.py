@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.checkpoint import COMMIT_MARKER, Checkpointer, CheckpointError
+from mmjax.checkpoint import COMMIT_MARKER, Checkpointer, CheckpointError, RestoreFailed
 from mmjax.preemption import StopRequests
 from tests.runs import MESH_8, REPO, STEPS, TWO_PROCESSES, env_for, train_args
 from tests.test_training import assert_trees_equal, restore
@@ -61,6 +61,23 @@ def truncate_data(step_dir: Path) -> None:
 
 DAMAGE = {
     "truncated_array_file": (truncate_data, r"OUT_OF_RANGE|DATA_LOSS|size"),
+    "missing_array_metadata": (
+        lambda d: (d / "state" / "_METADATA").unlink(),
+        r"state/_METADATA is missing",
+    ),
+    "missing_ocdbt_manifest": (
+        lambda d: (d / "state" / "manifest.ocdbt").unlink(),
+        r"state/manifest.ocdbt is missing",
+    ),
+    "garbled_ocdbt_manifest": (
+        lambda d: (d / "state" / "manifest.ocdbt").write_bytes(b"garbage" * 10),
+        r"DATA_LOSS",
+    ),
+    "array_files_overwritten": (
+        lambda d: [p.write_bytes(b"x" * p.stat().st_size) for p in (d / "state").rglob("d/*")],
+        r"decompress|Unknown frame|DATA_LOSS",
+    ),
+    "missing_meta_json": (lambda d: (d / "data" / "metadata").unlink(), r"data/metadata"),
     "missing_state_item": (lambda d: shutil.rmtree(d / "state"), r"item 'state' is missing"),
     "missing_data_item": (lambda d: shutil.rmtree(d / "data"), r"item 'data' is missing"),
     "missing_commit_marker": (lambda d: (d / COMMIT_MARKER).unlink(), COMMIT_MARKER),
@@ -143,6 +160,79 @@ def test_fallback_goes_newest_to_oldest_then_fails_in_one_line(three_checkpoints
     assert "\n" not in message
     assert message.startswith(f"no readable checkpoint in {three_checkpoints}: 8 (")
     assert "; 4 (item 'state' is missing)" in message
+
+
+# Failures that are not damage: the restore stops with the real message, nothing set aside.
+NOT_DAMAGE = {
+    "permission": (PermissionError(13, "Permission denied", "/x"), "PermissionError"),
+    "io_error": (OSError(5, "Input/output error"), "Input/output error"),
+    "memory": (MemoryError(), "MemoryError"),
+    "transient_storage": (ValueError("UNAVAILABLE: connection reset by peer"), "UNAVAILABLE"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NOT_DAMAGE))
+def test_a_restore_error_that_is_not_damage_stops_and_sets_nothing_aside(
+    kind, three_checkpoints, monkeypatch
+):
+    error, text = NOT_DAMAGE[kind]
+    checkpointer = Checkpointer(three_checkpoints)
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(checkpointer._manager, "restore", fail)
+    warnings = []
+    with pytest.raises(RestoreFailed) as raised:
+        checkpointer.restore_latest(abstract(small_state(1)), warn=warnings.append)
+    checkpointer.close()
+    message = str(raised.value)
+    assert message.startswith(f"cannot restore checkpoint 12 in {three_checkpoints}: ")
+    assert text in message and "nothing was set aside" in message and "\n" not in message
+    assert warnings == []  # No fallback to 8: the error was not evidence of damage.
+    assert sorted(p.name for p in three_checkpoints.iterdir()) == ["12", "4", "8"]
+
+
+@pytest.mark.usefixtures("collect_orbax_reads")
+def test_a_tree_that_does_not_match_is_not_damage(three_checkpoints):
+    checkpointer = Checkpointer(three_checkpoints)
+    wrong = abstract(small_state(1, size=999))  # Another model: "a" has another shape.
+    with pytest.raises(RestoreFailed, match=r"cannot restore checkpoint 12 .*shape"):
+        checkpointer.restore_latest(wrong)
+    checkpointer.close()
+    assert (three_checkpoints / "12").is_dir()
+
+
+def test_parameters_only_restore_refuses_another_model(tmp_path):
+    checkpointer = Checkpointer(tmp_path / "ckpt", async_save=False)
+    checkpointer.save(1, {"params": {"w": jnp.ones((4, 3))}, "opt": jnp.zeros(2)}, batch_size=1)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    tree = lambda **shapes: {
+        k: jax.ShapeDtypeStruct(v, jnp.float32, sharding=sharding) for k, v in shapes.items()
+    }
+    np.testing.assert_array_equal(checkpointer.restore_params(1, tree(w=(4, 3)))["w"], 1.0)
+    with pytest.raises(RestoreFailed, match=r"shape: \(5, 3\) is not compatible"):
+        checkpointer.restore_params(1, tree(w=(5, 3)))
+    # A partial restore would hand back the missing parameter as the abstract leaf.
+    with pytest.raises(RestoreFailed, match=r"no parameter \['v'\] \(1 missing\)"):
+        checkpointer.restore_params(1, tree(w=(4, 3), v=(2,)))
+    checkpointer.close()
+
+
+def test_relative_checkpoint_directory(three_checkpoints, monkeypatch):
+    monkeypatch.chdir(three_checkpoints.parent)
+    checkpointer = Checkpointer(three_checkpoints.name)  # "ckpt": relative to the cwd.
+    assert checkpointer.directory == three_checkpoints
+    step, state, _, _ = checkpointer.restore_latest(abstract(small_state(1)))
+    checkpointer.close()
+    assert step == 12
+    np.testing.assert_array_equal(state["a"], np.arange(1000, dtype=np.float32) * 12)
+    # Parameters only, as inference and init_from read them.
+    saver = Checkpointer("params_only", async_save=False)
+    saver.save(0, {"params": small_state(3)}, batch_size=0)
+    params = saver.restore_params(0, abstract(small_state(1)))
+    saver.close()
+    np.testing.assert_array_equal(params["a"], np.arange(1000, dtype=np.float32) * 3)
 
 
 def test_unfinished_save_is_ignored_removed_and_its_step_saved_again(three_checkpoints):

@@ -388,10 +388,13 @@ def test_decode_caption():
     with pytest.raises(BadSample) as info:
         decode_caption(b"caf\xe9 au lait".decode("utf-8", errors="surrogateescape"))
     assert info.value.reason == "caption_not_utf8"
-    for empty in ("", "   \n\t", b"", b" \n", None):
+    for empty in ("", "   \n\t", b"", b" \n", None, "\x00\x00", b"\x00 \x1b"):
         with pytest.raises(BadSample) as info:
             decode_caption(empty)
         assert info.value.reason == "empty_caption"
+    # NUL and the other control characters become spaces: they never reach a tokenizer.
+    assert decode_caption("a red\x00circle\x00") == "a red circle"
+    assert decode_caption(b"a\x07b\x7fc\x1b[0m") == "a b c [0m"
 
 
 # ---------------------------------------------------------------- options

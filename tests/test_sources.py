@@ -321,6 +321,76 @@ def test_wds_incomplete_samples_are_kept_and_reported_when_read(tmp_path):
     assert source[3] == {"key": f"{shard}:sub/d", "image": b"D", "caption": b""}
 
 
+def _shard_bytes(tmp_path, count=20, size=3000):
+    members = []
+    for i in range(count):
+        members += [(f"{i:04d}.jpg", bytes([i]) * size), (f"{i:04d}.txt", b"caption %d" % i)]
+    return open(_write_tar(tmp_path / "whole.tar", members), "rb").read()
+
+
+def test_wds_shard_truncated_inside_a_member_is_reported_and_the_member_counted(tmp_path):
+    data = _shard_bytes(tmp_path)
+    cut = data.index(bytes([12]) * 3000) + 1000  # Inside sample 12's image.
+    shard = tmp_path / "cut.tar"
+    shard.write_bytes(data[:cut])
+    warnings = []
+    source = WebDatasetSource(str(shard), warn=warnings.append)
+    assert len(source) == 13  # 0..12; what came after the cut is gone.
+    assert warnings == [
+        f"wds shard {shard}: it ends inside member 0012.jpg (1000 of 3000 bytes): the shard "
+        "is truncated, the samples after it are lost and this one is skipped as truncated_member"
+    ]
+    with pytest.raises(BadSample) as bad:
+        source[12]
+    assert bad.value.reason == "truncated_member"
+    assert source[11]["image"] == bytes([11]) * 3000
+    # The cached index keeps the finding: every later start reports it again.
+    again = []
+    WebDatasetSource(str(shard), warn=again.append)
+    assert again == warnings and (tmp_path / "cut.tar.idx.json").is_file()
+
+
+def test_wds_shard_cut_between_members_is_reported(tmp_path):
+    data = _shard_bytes(tmp_path)
+    header = data.index(b"0015.jpg")  # The name field starts the member's 512-byte header.
+    shard = tmp_path / "cut.tar"
+    shard.write_bytes(data[:header])
+    warnings = []
+    assert len(WebDatasetSource(str(shard), warn=warnings.append)) == 15
+    assert len(warnings) == 1 and "without the tar end-of-archive blocks" in warnings[0]
+    intact = []
+    assert len(WebDatasetSource(str(tmp_path / "whole.tar"), warn=intact.append)) == 20
+    assert intact == []
+
+
+def test_wds_member_names_with_a_second_dot(tmp_path):
+    members = [("cat.v1.jpg", b"A"), ("cat.v1.txt", b"a cat"), ("dog.jpg", b"D")]
+    members += [("dog.txt", b"a dog"), ("dog.cls", b"3")]  # .cls: another field, not a loss.
+    warnings = []
+    source = WebDatasetSource(_write_tar(tmp_path / "s.tar", members), warn=warnings.append)
+    assert len(source) == 1 and source[0]["caption"] == b"a dog"
+    assert warnings == [
+        f"wds shard {tmp_path / 's.tar'}: 2 members ignored because a sample's key is the name "
+        "up to its first dot, so 'cat.v1.jpg' has extension 'v1.jpg', not an image or caption"
+    ]
+    only_dots = _write_tar(tmp_path / "dots.tar", members[:2])
+    with pytest.raises(ValueError) as error:
+        WebDatasetSource(only_dots, warn=lambda _: None)
+    assert str(error.value) == (
+        f"wds:{only_dots}: no samples in 1 shard(s): 2 members ignored because a sample's key "
+        "is the name up to its first dot, so 'cat.v1.jpg' has extension 'v1.jpg', not an "
+        "image or caption"
+    )
+
+
+def test_csv_with_a_byte_order_mark_reads_its_header(tmp_path):
+    path = tmp_path / "excel.csv"  # Spreadsheets' "CSV UTF-8" starts with U+FEFF.
+    path.write_bytes("\ufefffilepath,caption\r\na.jpg,caf\u00e9\r\n".encode("utf-8"))
+    (tmp_path / "a.jpg").write_bytes(b"A")
+    source = CsvSource(path)
+    assert source[0] == {"key": "a.jpg", "image": b"A", "caption": "caf\u00e9"}
+
+
 def test_wds_pickles_without_descriptors_and_reads_the_same(tmp_path):
     pattern, _ = _sample_shards(tmp_path)
     source = WebDatasetSource(pattern)

@@ -252,20 +252,24 @@ def test_short_and_missing_clips_are_skipped_and_counted(clip_files, tmp_path):
     )
     batch = next(train)
     assert batch["images"].shape == (6, T, 16, 16, 3)
-    assert batch["counts"][0, COLUMN["used"]] == 6
-    assert batch["counts"][0, COLUMN["too_few_frames"]] >= 2  # Replaced, and counted.
-    assert batch["counts"][0, COLUMN["missing_file"]] >= 1
+    counts = batch["counts"].sum(axis=0)  # Per-row counters, summed.
+    assert counts[0, COLUMN["used"]] == 6
+    assert counts[0, COLUMN["too_few_frames"]] >= 2  # Replaced, and counted.
+    assert counts[0, COLUMN["missing_file"]] >= 1
 
 
 def test_counts_saved_before_the_clip_reason_existed_still_restore():
     from mmjax.data.stats import COUNTERS, DataStats
 
-    old_counters = [c for c in COUNTERS if c != "too_few_frames"]
-    saved = {"sources": ["shapes"], "counters": old_counters, "counts": [[0] * 7 + [5, 2]]}
+    # Checkpoints written before too_few_frames (and truncated_member) were counted.
+    old_counters = [c for c in COUNTERS if c not in ("too_few_frames", "truncated_member")]
+    counts = [[0] * (len(old_counters) - 2) + [5, 2]]
+    saved = {"sources": ["shapes"], "counters": old_counters, "counts": counts}
     stats = DataStats(["shapes"])
     stats.load_json(saved)
     assert stats.metrics()["data/used"] == 5 and stats.metrics()["data/truncated_captions"] == 2
     assert stats.metrics()["data/skipped_too_few_frames"] == 0
+    assert stats.metrics()["data/skipped_truncated_member"] == 0
 
 
 @pytest.mark.parametrize(

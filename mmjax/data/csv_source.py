@@ -6,7 +6,8 @@ One row per sample; the header names the columns (by default `filepath` and
 csv module's quoting rules, so files written by it (or pandas) read back as
 written. Relative image paths resolve against the CSV's folder.
 
-The file is read as UTF-8 with `surrogateescape`: a caption holding invalid
+The file is read as UTF-8, with or without a byte-order mark (spreadsheets write one when
+saving "CSV UTF-8"), with `surrogateescape`: a caption holding invalid
 UTF-8 survives as a str with lone surrogates, which the caption decoder
 rejects as `caption_not_utf8` (and which re-encodes to the original bytes).
 Images are returned as the file's raw bytes; decoding happens later.
@@ -56,7 +57,7 @@ class CsvSource:
         # Raw strings (not resolved paths) keep memory to about one str per cell.
         self._filepaths: list[str] = []
         self._captions: list[str] = []
-        with open(self.path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        with open(self.path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
             reader = csv.reader(f, delimiter=delimiter)
             header = next(reader, None)
             if header is None:

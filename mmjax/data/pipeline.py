@@ -106,6 +106,34 @@ class ExampleLoader:
         }
 
 
+def require_usable(source: Source, image_options: ImageOptions, where: str) -> None:
+    """Raises DataError (one line naming `where`, the source and the commonest reason) when
+    none of up to MAX_ATTEMPTS samples spread over `source` is usable: a source that training
+    could only fail on, found before anything compiles. Stops at the first good sample."""
+    if len(source) == 0:
+        raise DataError(f"{where}: source {source.name} has no samples")
+    image_options = dataclasses.replace(image_options, train=False)  # No random draws.
+    reasons: dict[str, int] = {}
+    count = min(len(source), MAX_ATTEMPTS)
+    for i in range(count):
+        index = i * len(source) // count
+        try:
+            record = source[index]
+            decode_caption(record.get("caption"))
+            if image_options.frames:
+                load_clip(record["image"], image_options, None)
+            else:
+                load_image(record["image"], image_options, None)
+            return
+        except BadSample as bad:
+            reasons[bad.reason] = reasons.get(bad.reason, 0) + 1
+    commonest = max(reasons, key=reasons.get)
+    raise DataError(
+        f"{where}: source {source.name} has no usable sample: the {count} read, spread over "
+        f"its {len(source)}, were all bad (commonest reason: {commonest}, {reasons[commonest]})"
+    )
+
+
 def train_batches(
     sources: Sequence[Source],
     tokenizer: Tokenizer,
@@ -122,13 +150,13 @@ def train_batches(
     num_threads: int = 2,
     prefetch: int = 4,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Endless {"images": uint8 [b,H,W,3], "tokens": int32 [b,L], "counts": int64 [S,C]}.
+    """Endless {"images": uint8 [b,H,W,3], "tokens": int32 [b,L], "counts": int32 [b,S,C]}.
 
     With image_options.frames = T, "images" holds clips, uint8 [b,T,H,W,3].
 
     b = global_batch_size // process_count. Process p's batch at step s holds
     stream positions [s*B + p*b, s*B + (p+1)*b) (B the global batch size).
-    `counts` sums the examples' stats.COUNTERS for this process's rows.
+    `counts` holds each row's stats.COUNTERS (the bad samples skipped to fill it, itself).
     """
     batch_size = _per_process_batch_size(global_batch_size, process_index, process_count)
     sources = tuple(sources)
@@ -250,10 +278,12 @@ def _shuffle_seed(seed: int, source_id: int = 0) -> int:
 
 
 def _stack_train_examples(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    # Counts stay per row (int32 [b, S, C]): the trainer sums them on the devices with the
+    # step, so every process gets the global counts of every step without a host sync.
     return {
         "images": np.stack([example["image"] for example in examples]),
         "tokens": np.stack([example["tokens"] for example in examples]),
-        "counts": np.sum([example["counts"] for example in examples], axis=0),
+        "counts": np.stack([example["counts"] for example in examples]).astype(np.int32),
     }
 
 

@@ -226,8 +226,14 @@ def random_resized_crop_box(
     return left, top, left + w, top + h
 
 
+# C0 control characters other than whitespace (NUL first among them): scraped captions carry
+# them now and then; they are turned into spaces rather than reaching the tokenizer.
+_CONTROL = {c: " " for c in range(32) if chr(c) not in "\t\n\r\x0b\x0c"} | {127: " "}
+
+
 def decode_caption(raw: str | bytes | None) -> str:
-    """Caption text with whitespace runs collapsed to single spaces; raises BadSample.
+    """Caption text with control characters (NUL, ...) made spaces and whitespace runs
+    collapsed to single spaces; raises BadSample.
 
     Bytes must be strict UTF-8; a str holding lone surrogates (a file read with
     errors="surrogateescape") counts as not UTF-8 too.
@@ -249,7 +255,7 @@ def decode_caption(raw: str | bytes | None) -> str:
         text = raw
     else:
         raise TypeError(f"decode_caption: caption must be str or bytes, not {type(raw).__name__}")
-    text = " ".join(text.split())
+    text = " ".join(text.translate(_CONTROL).split())
     if not text:
         raise BadSample("empty_caption", "blank caption")
     return text

@@ -56,6 +56,21 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return kind, path
 
 
+def absolute_spec(spec: str) -> str:
+    """The spec with its path made absolute against the working directory (braces and glob
+    characters are kept as they are), so that it names the same files from anywhere."""
+    kind, path = parse_spec(spec)
+    return f"{kind}:{os.path.abspath(os.path.expanduser(path))}" if path else kind
+
+
+def absolute_mixture(value: Any) -> Any:
+    """`value` (a spec, or a mixture in any form parse_mixture takes) with absolute paths; a
+    bare spec stays a bare spec, a mixture becomes a list of (spec, weight) pairs."""
+    if isinstance(value, str) and not value.strip().startswith(("[", "(")):
+        return absolute_spec(value.strip())
+    return repr([(absolute_spec(spec), weight) for spec, weight in parse_mixture(value)])
+
+
 def parse_mixture(value: Any) -> list[tuple[str, float]]:
     """[(spec, weight), ...] from a spec, a list of pairs, or a Python literal of such a list.
 

@@ -47,26 +47,37 @@ class DataStats:
         out["data/used"] = float(totals[COLUMN["used"]])
         return out
 
-    def check(
-        self, max_skip_fraction: float, min_samples: int, counts: np.ndarray | None = None
-    ) -> None:
-        """Raises DataError when a source skipped more than `max_skip_fraction` of its samples.
-
-        Judged per source, once it has been read `min_samples` times, so a
-        healthy large source cannot hide a broken small one in a mixture.
-        """
-        counts = self.counts if counts is None else counts
-        for name, row in zip(self.source_names, counts, strict=True):
+    def over_limit(self, max_skip_fraction: float) -> list[tuple[str, int, int, str]]:
+        """(source, skipped, seen, commonest reason) of each source that skipped more than
+        `max_skip_fraction` of the samples read from it."""
+        out = []
+        for name, row in zip(self.source_names, self.counts, strict=True):
             skipped = int(row[_SKIP_COLUMNS].sum())
             seen = skipped + int(row[COLUMN["used"]])
-            if seen < max(min_samples, 1) or skipped <= max_skip_fraction * seen:
-                continue
-            commonest = REASONS[int(np.argmax(row[_SKIP_COLUMNS]))]
-            raise DataError(
+            if seen and skipped > max_skip_fraction * seen:
+                out.append((name, skipped, seen, REASONS[int(np.argmax(row[_SKIP_COLUMNS]))]))
+        return out
+
+    def check(self, max_skip_fraction: float, min_samples: int) -> list[str]:
+        """Raises DataError when a source skipped more than `max_skip_fraction` of its
+        samples, once it has been read `min_samples` times (judged per source, so a healthy
+        large source cannot hide a broken small one in a mixture). Below that count the
+        same finding is returned as warnings (one line per source) instead."""
+        warnings = []
+        for name, skipped, seen, commonest in self.over_limit(max_skip_fraction):
+            finding = (
                 f"source {name}: {skipped} of {seen} samples read were bad "
                 f"({skipped / seen:.1%} > data.max_skip_fraction={max_skip_fraction}); "
-                f"commonest reason: {commonest} ({int(row[COLUMN[commonest]])} samples)"
+                f"commonest reason: {commonest} "
+                f"({int(self.counts[self.source_names.index(name), COLUMN[commonest]])} samples)"
             )
+            if seen >= max(min_samples, 1):
+                raise DataError(finding)
+            warnings.append(
+                f"{finding}; the run goes on only because fewer than "
+                f"data.min_samples_for_skip_check={min_samples} were read"
+            )
+        return warnings
 
     def summary(self, counts: np.ndarray | None = None) -> str:
         """Multi-line table: per source, samples used, skipped by reason, truncated captions."""

@@ -4,7 +4,16 @@ A shard is an uncompressed tar whose members are grouped into samples by key:
 `KEY.jpg` (or .jpeg/.png/.webp, any case) holds the image, `KEY.txt` the
 caption and `KEY.json` metadata (indexed, unused for now). KEY is the member
 name up to the first dot of its basename, with any directory prefix kept
-(img2dataset keys contain no dots). Other members are ignored.
+(webdataset's rule; img2dataset keys contain no dots), and the rest is the
+extension: `cat.v1.jpg` has key `cat` and extension `v1.jpg`, which is no image.
+Members of other extensions (.cls, .npy, ...) are ignored.
+
+What indexing cannot use is reported in one line per shard (kept in the cached
+index, so it is reported on every start): members whose names look like an image
+or caption behind a second dot, and a shard that ends inside a member or without
+the tar end-of-archive blocks (a truncated copy: the samples that were after the
+cut are gone). A member cut short by the truncation reads as the bad sample
+`truncated_member`. A source whose shards hold no sample at all is an error.
 
 Random access without extracting anything: each shard's tar headers are
 scanned once with `tarfile` for every member's data offset and size, and
@@ -32,12 +41,14 @@ import glob
 import hashlib
 import itertools
 import json
+import logging
 import operator
 import os
 import re
 import tarfile
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +58,7 @@ from mmjax.data.records import BadSample
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 INDEX_SUFFIX = ".idx.json"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 # Columns of a shard index: member data offset and size, -1 where the member is absent.
 _FIELDS = ("image", "txt", "json")
 
@@ -106,12 +117,21 @@ def shard_paths(pattern: str) -> list[str]:
 
 
 class ShardIndex:
-    """Where each sample's members lie in one shard (offset, size; -1 when absent)."""
+    """Where each sample's members lie in one shard (offset, size; -1 when absent), and
+    what indexing could not use (`problems`: one-line descriptions)."""
 
-    def __init__(self, keys: list[str], columns: dict[str, np.ndarray]):
+    def __init__(
+        self,
+        keys: list[str],
+        columns: dict[str, np.ndarray],
+        problems: list[str] | None = None,
+        ignored: int = 0,
+    ):
         # Fixed-width arrays: far smaller than lists of Python objects.
         self.keys = np.asarray(keys, dtype=str)
         self.columns = {name: np.asarray(columns[name], np.int64) for name in columns}
+        self.problems = list(problems or [])
+        self.ignored = int(ignored)  # members not used: unknown extensions included
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -123,6 +143,8 @@ class ShardIndex:
             "shard_size": size,
             "shard_mtime_ns": mtime_ns,
             "keys": self.keys.tolist(),
+            "problems": self.problems,
+            "ignored": self.ignored,
             **{name: column.tolist() for name, column in self.columns.items()},
         }
 
@@ -132,36 +154,83 @@ class ShardIndex:
         for field in _FIELDS:
             for part in ("offset", "size"):
                 columns[f"{field}_{part}"] = data[f"{field}_{part}"]
-        return cls(data["keys"], columns)
+        return cls(data["keys"], columns, data["problems"], data["ignored"])
+
+
+_TAR_BLOCK = 512
+_LIKELY_FIELDS = (*IMAGE_EXTENSIONS, "txt", "json")
 
 
 def scan_shard(path: str) -> ShardIndex:
     """Reads a tar's headers (not its data) and groups members into samples."""
     found: dict[str, dict[str, tuple[int, int]]] = {}  # Insertion order = tar order.
+    size = os.path.getsize(path)
+    second_dot: list[str] = []  # names like cat.v1.jpg: an image behind a second dot
+    ignored = end = 0
+    cut: str | None = None
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile() or member.issparse():
-                    continue
-                folder, _, basename = member.name.rpartition("/")
-                stem, dot, extension = basename.partition(".")
-                if not stem or not dot:
-                    continue
-                extension = extension.lower()
-                field = "image" if extension in IMAGE_EXTENSIONS else extension
-                if field not in _FIELDS:
-                    continue
-                key = f"{folder}/{stem}" if folder else stem
-                # setdefault: the first image (or caption) of a key wins.
-                found.setdefault(key, {}).setdefault(field, (member.offset_data, member.size))
+        tar = tarfile.open(path, mode="r:")
     except tarfile.ReadError as e:
         raise ValueError(f"shard {path} is not an uncompressed tar file: {e}") from None
+    with tar:
+        while True:
+            try:
+                member = tar.next()
+            except tarfile.ReadError as e:  # Past the first member: the rest is cut off.
+                if tar.offset == 0:
+                    raise ValueError(f"shard {path} is not an uncompressed tar file: {e}") from None
+                break
+            if member is None:
+                break
+            end = tar.offset  # Just past this member.
+            if not member.isfile() or member.issparse():
+                continue
+            if member.offset_data + member.size > size:
+                cut = f"{member.name} ({size - member.offset_data} of {member.size} bytes)"
+            folder, _, basename = member.name.rpartition("/")
+            stem, dot, extension = basename.partition(".")
+            extension = extension.lower()
+            field = "image" if extension in IMAGE_EXTENSIONS else extension
+            if not stem or not dot or field not in _FIELDS:
+                ignored += 1
+                if "." in extension and extension.rsplit(".", 1)[1] in _LIKELY_FIELDS:
+                    second_dot.append(member.name)
+                continue
+            key = f"{folder}/{stem}" if folder else stem
+            # setdefault: the first image (or caption) of a key wins.
+            found.setdefault(key, {}).setdefault(field, (member.offset_data, member.size))
+    problems = []
+    if cut is not None:
+        problems.append(
+            f"it ends inside member {cut}: the shard is truncated, the samples after it are "
+            "lost and this one is skipped as truncated_member"
+        )
+    elif not _has_end_marker(path, end, size):
+        problems.append(
+            f"it ends at byte {size} without the tar end-of-archive blocks: the shard is "
+            "probably truncated and samples after its last member are lost"
+        )
+    if second_dot:
+        problems.append(
+            f"{len(second_dot)} members ignored because a sample's key is the name up to its "
+            f"first dot, so {second_dot[0]!r} has extension "
+            f"{second_dot[0].rpartition('/')[2].partition('.')[2]!r}, not an image or caption"
+        )
     columns = {
         f"{field}_{part}": [members.get(field, (-1, -1))[i] for members in found.values()]
         for field in _FIELDS
         for i, part in enumerate(("offset", "size"))
     }
-    return ShardIndex(list(found), columns)
+    return ShardIndex(list(found), columns, problems, ignored)
+
+
+def _has_end_marker(path: str, end: int, size: int) -> bool:
+    """Whether the bytes after the last member are the two zero blocks a tar ends with."""
+    if size - end < 2 * _TAR_BLOCK:
+        return False
+    with open(path, "rb") as f:
+        f.seek(end)
+        return not any(f.read(2 * _TAR_BLOCK))
 
 
 def _cache_paths(shard: str, cache_dir: str | os.PathLike | None) -> list[Path]:
@@ -221,11 +290,29 @@ def _write_atomically(path: Path, text: str) -> bool:
 class WebDatasetSource:
     """Samples of tar shards: {"key": "SHARD:KEY", "image": bytes, "caption": bytes | None}."""
 
-    def __init__(self, pattern: str, *, cache_dir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        pattern: str,
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        warn: Callable[[str], None] | None = None,
+    ):
+        """`warn` gets one line per shard that indexing could not fully use (default: the
+        mmjax logger); a source without any sample raises ValueError."""
         self.pattern = pattern
         self.name = f"wds:{pattern}"
         self.shards = shard_paths(pattern)
         self.indexes = [load_index(shard, cache_dir) for shard in self.shards]
+        warn = warn or logging.getLogger("mmjax").warning
+        for shard, index in zip(self.shards, self.indexes):
+            for problem in index.problems:
+                warn(f"wds shard {shard}: {problem}")
+        if not any(len(index) for index in self.indexes):
+            detail = next((p for i in self.indexes for p in i.problems), "")
+            raise ValueError(
+                f"{self.name}: no samples in {len(self.shards)} shard(s): "
+                + (detail or "they hold no KEY.jpg / KEY.txt members")
+            )
         # Sample i lives in shard s where starts[s] <= i < starts[s + 1].
         self._starts = np.cumsum([0] + [len(index) for index in self.indexes])
         self._fds: dict[int, int] = {}
@@ -267,9 +354,11 @@ class WebDatasetSource:
         while len(data) < size:  # pread may return less; 0 bytes means end of file.
             more = os.pread(fd, size - len(data), offset + len(data))
             if not more:
+                key = self.indexes[shard].keys[row]
                 raise BadSample(
-                    "missing_file",
-                    f"{self.shards[shard]}: shorter than its index (changed since indexed?)",
+                    "truncated_member",
+                    f"{self.shards[shard]}:{key}: the shard ends {size - len(data)} bytes "
+                    f"into its {field} member",
                 )
             data += more
         return data

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 
 from mmjax import sharding as shd
 from mmjax.config_loading import ConfigError
-from mmjax.data.pipeline import eval_batches
+from mmjax.data.pipeline import eval_batches, require_usable
 from mmjax.data.preprocess import ImageOptions
 from mmjax.data.sources import make_source
 from mmjax.data.stats import DataStats
@@ -108,7 +108,7 @@ class EvalContext:
     def source(self, spec: str, where: str, *, split: str = "eval"):
         """The source a spec names; a bad spec is a ConfigError naming `where`."""
         try:
-            return make_source(
+            source = make_source(
                 spec,
                 split=split,
                 data=self.config.data,
@@ -118,6 +118,8 @@ class EvalContext:
             )
         except (ValueError, OSError) as e:
             raise ConfigError(f"{where}: {e}") from None
+        require_usable(source, self.image_options, where)
+        return source
 
     def captioner(self, options: GenerateOptions):
         """A jitted (params, images, rng) -> tokens [B, L] for these generation options."""
