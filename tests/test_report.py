@@ -113,8 +113,8 @@ def test_many_runs_get_one_row_each(tmp_path):
 
 
 def test_metrics_logged_once_are_a_table_not_single_dots(tmp_path):
-    from mmjax.report import eval_keys, eval_layout
     from mmjax.metric_writer import read_metrics
+    from mmjax.report import eval_keys, eval_layout
 
     once = tmp_path / "once"
     once.mkdir()
