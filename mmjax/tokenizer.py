@@ -260,8 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "more distinct pieces)"
         )
     print(
-        f"wrote {args.out}: vocabulary {tokenizer.vocab_size}{note}, "
-        f"from {len(captions)} captions"
+        f"wrote {args.out}: vocabulary {tokenizer.vocab_size}{note}, from {len(captions)} captions"
     )
     return 0
 
