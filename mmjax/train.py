@@ -721,12 +721,17 @@ class Trainer:
             batches.close()  # grain's workers exit now, not at interpreter shutdown.
         self.checkpointer.wait()  # Still under the stop handlers: a second signal waits too.
         self._log("data: " + self.data_stats.summary())
-        for source, bad, seen, _ in self.data_stats.over_limit(cfg.data.max_skip_fraction):
-            self._log(
-                f"WARNING: source {source}: {bad} of {seen} samples were bad "
-                f"({bad / seen:.1%} > data.max_skip_fraction={cfg.data.max_skip_fraction})"
-            )
         return last_eval
+
+    def data_warnings(self) -> list[str]:
+        """One line per source whose bad fraction ended over data.max_skip_fraction (a run
+        too short to be stopped for it): main prints them last."""
+        limit = self.config.data.max_skip_fraction
+        return [
+            f"WARNING: source {source}: {bad} of {seen} samples were bad "
+            f"({bad / seen:.1%} > data.max_skip_fraction={limit})"
+            for source, bad, seen, _ in self.data_stats.over_limit(limit)
+        ]
 
     def image_options(self, *, train: bool) -> ImageOptions:
         data = self.config.data
@@ -823,6 +828,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{Path(args.workdir) / 'checkpoints'}, TensorBoard logs in "
             f"{Path(args.workdir) / 'tensorboard'}"
         )
+        for warning in trainer.data_warnings():
+            print(f"[mmjax] {warning}", flush=True)
     return 0
 
 

@@ -156,20 +156,77 @@ def test_wds_and_arrayrecord_mixture_trains_with_its_own_tokenizer(corpus, cache
     assert sorted(p.suffix for p in (root / "wds").iterdir()) == [".json"] * 3 + [".tar"] * 3
 
 
-def test_too_many_bad_samples_stop_the_run(corpus, cache_dir, tmp_path):
+def _bad_fraction_args(corpus, workdir, *extra):
     root, train_csv, eval_csv = corpus
-    args = [
+    return [
         *_config(),
         "--workdir",
-        tmp_path / "run",
+        workdir,
         *COMMON,
+        "--config.log_every=1000",  # No log step before the end: the stop is checked per step.
         f"--config.data.train=csv:{train_csv}",
         f"--config.data.eval=csv:{eval_csv}",
         "--config.data.max_skip_fraction=0.001",
-        "--config.data.min_samples_for_skip_check=16",
+        *extra,
     ]
+
+
+def test_too_many_bad_samples_stop_the_run_at_that_step(corpus, cache_dir, tmp_path):
+    workdir = tmp_path / "run"
+    args = _bad_fraction_args(
+        corpus, workdir, "--config.data.min_samples_for_skip_check=16", "--config.data.workers=1"
+    )
     proc = _run(args, cache_dir)
     assert proc.returncode == 4, proc.stderr[-3000:]
-    error = proc.stderr.strip().splitlines()[-1]
-    assert error.startswith(f"error: source csv:{train_csv}:"), error
+    error = proc.stderr.strip().splitlines()[-1]  # Last: no grain worker warning after it.
+    assert error.startswith(f"error: source csv:{corpus[1]}:"), error
     assert "commonest reason:" in error and "data.max_skip_fraction=0.001" in error
+    (line,) = [r for r in read_metrics(workdir) if "loss" in r]  # The steps it trained.
+    assert 1 <= line["step"] < 10 and line["data/skipped"] >= 1
+    assert line["data/used"] + line["data/skipped"] >= 16 * line["step"]
+
+
+def test_bad_samples_below_the_judging_count_are_a_loud_warning(corpus, cache_dir, tmp_path):
+    workdir = tmp_path / "run"
+    args = _bad_fraction_args(corpus, workdir, "--config.data.min_samples_for_skip_check=100000")
+    proc = _ok(_run(args, cache_dir))
+    warnings = [line for line in proc.stdout.splitlines() if "WARNING: source csv:" in line]
+    assert warnings and "> data.max_skip_fraction=0.001" in warnings[0]
+    assert "fewer than data.min_samples_for_skip_check=100000 were read" in warnings[0]
+    assert "WARNING: source" in proc.stdout.strip().splitlines()[-1]  # Repeated at the end.
+    (line,) = [r for r in read_metrics(workdir) if "loss" in r]
+    assert line["data/over_skip_fraction"] == line["data/skipped"] / (
+        line["data/skipped"] + line["data/used"]
+    )
+
+
+def test_a_source_without_usable_samples_stops_before_compiling(corpus, cache_dir, tmp_path):
+    root, train_csv, eval_csv = corpus
+    broken = tmp_path / "broken.csv"
+    broken.write_text("filepath,caption\n" + "".join(f"gone/{i}.jpg,a cat\n" for i in range(80)))
+    mixture = f"[('csv:{train_csv}', 0.9), ('csv:{broken}', 0.1)]"
+    args = [*_config(), "--workdir", tmp_path / "run", *COMMON, f"--config.data.train={mixture}",
+            f"--config.data.eval=csv:{eval_csv}"]  # fmt: skip
+    proc = _run(args, cache_dir)
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert proc.stderr.count("\n") == 1 and "compiled" not in proc.stdout
+    assert proc.stderr == (
+        f"error: data.train: source csv:{broken} has no usable sample: the 64 read, spread over "
+        "its 80, were all bad (commonest reason: missing_file, 64)\n"
+    )
+    # A shard whose member names no sample can be made of: one line, exit 2.
+    import io
+    import tarfile
+
+    shard = tmp_path / "dots.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name in ("a.v1.jpg", "a.v1.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    args[args.index(f"--config.data.train={mixture}")] = f"--config.data.train=wds:{shard}"
+    proc = _run(args, cache_dir)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: data.train: wds:{shard}: no samples in 1 shard(s): 2 members")
+    assert "'a.v1.jpg' has extension 'v1.jpg'" in error

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 from collections.abc import Iterator, Sequence, Sized
 from typing import Any
 
@@ -243,10 +244,24 @@ def _iterate(dataset: grain.MapDataset, *, workers: int, num_threads: int, prefe
         # parses; their defaults are what we want.
         if not absl_flags.FLAGS.is_parsed():
             absl_flags.FLAGS.mark_as_parsed()
+        _quiet_resource_tracker()
         # Worker processes decode in parallel; grain returns their batches in order.
         options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch)
         iterable = iterable.mp_prefetch(options)
     return iter(iterable)
+
+
+# What multiprocessing's resource tracker says at exit about grain's batches still in flight
+# (in shared memory) when a run stops: it unlinks them, so nothing leaks, but the warning
+# would be the last line a stopped run prints, after the line saying why it stopped.
+_TRACKER_WARNING = "ignore:resource_tracker:UserWarning"  # -W fields: no colons inside
+
+
+def _quiet_resource_tracker() -> None:
+    """Passes a filter for that warning to the tracker process, which takes its warning
+    options from this interpreter's when grain's first worker starts it."""
+    if _TRACKER_WARNING not in sys.warnoptions:
+        sys.warnoptions.append(_TRACKER_WARNING)
 
 
 def _tag(source_id: int, index: int) -> tuple[int, int]:
