@@ -18,7 +18,6 @@ accelerators and a measured matmul rate elsewhere (the CPU).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -29,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from mmjax import cli
 from mmjax import sharding as shd
 from mmjax.config_loading import ConfigError, load_config, split_config_flags
 from mmjax.flops import peak_flops, train_flops_per_step
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         rest, overrides = split_config_flags(argv)
-        parser = argparse.ArgumentParser(prog="python -m mmjax.bench", allow_abbrev=False)
+        parser = cli.ArgumentParser(prog="python -m mmjax.bench")
         parser.add_argument("--config", required=True)
         parser.add_argument("--steps", type=int, default=10)
         parser.add_argument(

@@ -17,6 +17,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from mmjax import cli
 from mmjax.checkpoint import CheckpointError
 from mmjax.generate import METHODS, GenerateOptions
 from mmjax.predict import BadImage, Predictor, unreadable_files
@@ -41,7 +42,7 @@ def one_line(text: str) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m mmjax.caption", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--workdir", required=True, help="training workdir (config.json, ...)")

@@ -19,7 +19,6 @@ Extra `--config.KEY=VALUE` flags go to the training run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import subprocess
@@ -31,6 +30,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from mmjax import cli
 from mmjax.bench import prepare_step
 from mmjax.checkpoint import Checkpointer
 from mmjax.config_loading import ConfigError, load_config, split_config_flags
@@ -174,7 +174,7 @@ def preemption(config_arg: str, overrides: list[str], workdir: Path, timeout: fl
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = split_config_flags(argv)
-    parser = argparse.ArgumentParser(prog="python -m mmjax.checkpoint_bench", allow_abbrev=False)
+    parser = cli.ArgumentParser(prog="python -m mmjax.checkpoint_bench")
     parser.add_argument("--config", required=True)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per phase")
     parser.add_argument("--dir", default=None, help="scratch folder (default: a temp folder)")

@@ -17,6 +17,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from mmjax import cli
 from mmjax.checkpoint import CheckpointError
 from mmjax.predict import BadImage, Predictor, unreadable_files
 from mmjax.zeroshot import read_classes, read_templates
@@ -30,7 +31,7 @@ def format_line(path: str, ranked: Sequence[tuple[str, float]]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m mmjax.classify", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--workdir", required=True, help="training workdir (config.json, ...)")

@@ -13,7 +13,6 @@ missing, unexpected and mis-shaped tensors are reported by name.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import json
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from mmjax import cli
 from mmjax.models.config import ModelConfig
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -538,7 +538,7 @@ def convert_open_clip(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmjax.convert", allow_abbrev=False)
+    parser = cli.ArgumentParser(prog="python -m mmjax.convert")
     sub = parser.add_subparsers(dest="source", required=True)
     oc = sub.add_parser("open_clip", help="an open_clip CLIP or CoCa checkpoint")
     oc.add_argument("--model-config", required=True, help="open_clip model config JSON")

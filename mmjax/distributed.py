@@ -491,7 +491,11 @@ def initialize(
     return info
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Prints the plan of this process (takes no arguments)."""
+    if argv:
+        print(f"error: mmjax distributed takes no arguments, got {argv[0]!r}", file=sys.stderr)
+        return 2
     try:
         info, timeout_s = plan(), init_timeout()
     except DistributedError as e:

@@ -19,7 +19,6 @@ the real devices are used and --devices must equal their count or be omitted;
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -32,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax import cli
 from mmjax import sharding as shd
 from mmjax.config_loading import ConfigError, load_config, split_config_flags
 from mmjax.flops import train_flops_per_step
@@ -286,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         rest, overrides = split_config_flags(argv)
-        parser = argparse.ArgumentParser(
-            prog="python -m mmjax.dryrun", allow_abbrev=False, description=__doc__.split("\n")[0]
+        parser = cli.ArgumentParser(
+            prog="python -m mmjax.dryrun", description=__doc__.split("\n")[0]
         )
         parser.add_argument("--config", required=True, help="configs/FILE.py[:ARG]")
         parser.add_argument("--devices", type=int, default=None, help="device count (CPU: forced)")

@@ -12,13 +12,12 @@ padding rows are dropped, so every example counts once on any number of devices 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 import jax
 
-from mmjax import distributed, paths
+from mmjax import cli, distributed, paths
 from mmjax.config_loading import ConfigError
 from mmjax.host_memory import tune_host_memory
 
@@ -36,7 +35,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    parser = argparse.ArgumentParser(prog="python -m mmjax.evaluate", allow_abbrev=False)
+    parser = cli.ArgumentParser(prog="python -m mmjax.evaluate")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     parser.add_argument(

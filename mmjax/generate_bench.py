@@ -24,7 +24,6 @@ line per method and a final JSON line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -34,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax import cli
 from mmjax.generate import GenerateOptions, first_argmax, make_generate_fn, unrolled
 from mmjax.models.coca import CoCa
 from mmjax.models.config import DTYPES, SIZES, ModelConfig
@@ -174,7 +174,7 @@ def run(size: str, batch: int, tokens: int, repeats: int, beam: int, dtype: str,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmjax.generate_bench", allow_abbrev=False)
+    parser = cli.ArgumentParser(prog="python -m mmjax.generate_bench")
     parser.add_argument("--size", default="small", choices=sorted(SIZES))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=32, help="generated tokens per caption")

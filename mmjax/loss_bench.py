@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+from mmjax import cli
+
 VARIANTS = ("sigmoid/gathered", "sigmoid/chunked", "softmax/gathered", "softmax/local")
 
 
@@ -126,7 +128,7 @@ def _device_counts(text: str) -> list[int]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmjax.loss_bench", allow_abbrev=False)
+    parser = cli.ArgumentParser(prog="python -m mmjax.loss_bench")
     parser.add_argument("--devices", type=_device_counts, default=[2, 4, 8])
     parser.add_argument("--per-device-batch", type=int, default=256)
     parser.add_argument("--dim", type=int, default=512)

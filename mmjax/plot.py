@@ -7,7 +7,6 @@ Reads DIR/metrics.jsonl; the trainer's launcher calls it at the end of a run.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")  # Files only: no display needed.
 import matplotlib.pyplot as plt  # noqa: E402
 
+from mmjax import cli
 from mmjax.metric_writer import read_metrics  # noqa: E402
 
 PANELS = (
@@ -72,9 +72,7 @@ def plot_run(workdir: str | Path, out: str | Path | None = None) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mmjax.plot", description=__doc__.split("\n")[0]
-    )
+    parser = cli.ArgumentParser(prog="python -m mmjax.plot", description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", default=None, help="PNG path (default: WORKDIR/curves.png)")
     args = parser.parse_args(argv)

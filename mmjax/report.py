@@ -13,7 +13,6 @@ metrics. The headline table is printed, aligned for a terminal.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -26,6 +25,7 @@ matplotlib.use("Agg")  # Files only: no display needed.
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+from mmjax import cli
 from mmjax.metric_writer import METRICS_FILE, read_metrics  # noqa: E402
 from mmjax.plot import series  # noqa: E402
 
@@ -260,9 +260,7 @@ def summary_markdown(runs: Sequence[Run], keys: Sequence[str]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mmjax.report", description=__doc__.split("\n")[0]
-    )
+    parser = cli.ArgumentParser(prog="python -m mmjax.report", description=__doc__.split("\n")[0])
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="run directories (metrics.jsonl)")
     parser.add_argument("--out", default="report", help="output directory (default: ./report)")
     parser.add_argument("--names", default=None, help="comma-separated run names, one per DIR")

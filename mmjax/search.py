@@ -23,7 +23,6 @@ Python: `build_index(predictor, image_dir, out)`, `SearchIndex.load(out).query(t
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -38,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from mmjax import cli
 
 FORMAT = "mmjax-search-index"
 VERSION = 1
@@ -475,9 +476,7 @@ def _query_main(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mmjax.search", description=__doc__.split("\n\n")[0]
-    )
+    parser = cli.ArgumentParser(prog="python -m mmjax.search", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     index = commands.add_parser("index", help="embed the images under a folder (resumable)")
     index.add_argument("--workdir", required=True, help="training workdir")

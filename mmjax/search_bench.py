@@ -13,7 +13,6 @@ query and of a batch of --query-batch queries. Prints the figures; writes nothin
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from mmjax import cli
 from mmjax.data.image_corpus import write_image_corpus
 from mmjax.models.config import SIZES, ModelConfig
 from mmjax.predict import Predictor, image_batches
@@ -90,7 +90,7 @@ def bench_queries(args, dim: int) -> dict[str, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m mmjax.search_bench", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--images", type=int, default=1024, help="JPEGs to index")

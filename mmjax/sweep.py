@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from mmjax import paths
+from mmjax import cli, paths
 from mmjax.config_loading import ConfigError, load_config, load_module, split_config_flags
 from mmjax.host_memory import tune_host_memory
 
@@ -361,9 +361,7 @@ def write_summary(root: Path, sweep, configs, statuses: Mapping[str, str], out: 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     rest, overrides = split_config_flags(argv)
-    parser = argparse.ArgumentParser(
-        prog="python -m mmjax.sweep", allow_abbrev=False, description=__doc__.split("\n\n")[0]
-    )
+    parser = cli.ArgumentParser(prog="python -m mmjax.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="configs/ablations/FILE.py[:ARG]")
     parser.add_argument("--workdir", required=True, help="ROOT: one folder per variant in it")
     parser.add_argument("--only", default=None, help="comma-separated variants to run")

@@ -11,7 +11,6 @@ length.
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import sys
@@ -22,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import sentencepiece as spm
+
+from mmjax import cli
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -220,7 +221,7 @@ def read_captions(sources: Sequence[Any], limit: int, *, progress: bool = False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmjax.tokenizer", allow_abbrev=False)
+    parser = cli.ArgumentParser(prog="python -m mmjax.tokenizer")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a sentencepiece model on a source's captions")
     train.add_argument("source", help="data source spec: shapes, csv:PATH, wds:PATTERN, ...")

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from mmjax import distributed, paths, run_record
+from mmjax import cli, distributed, paths, run_record
 from mmjax import sharding as shd
 from mmjax.checkpoint import Checkpointer, CheckpointError
 from mmjax.config_loading import (
@@ -778,9 +778,7 @@ class Trainer:
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     rest, overrides = split_config_flags(argv)
-    parser = argparse.ArgumentParser(
-        prog="python -m mmjax.train", allow_abbrev=False, description=__doc__.split("\n\n")[0]
-    )
+    parser = cli.ArgumentParser(prog="python -m mmjax.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="configs/FILE.py[:ARG]")
     parser.add_argument("--workdir", required=True, help="where checkpoints and metrics go")
     return parser.parse_args(rest), overrides

@@ -150,3 +150,20 @@ def test_bad_input_is_rejected_with_the_culprit_named(tmp_path, tokenizer):
     with pytest.raises(TypeError, match="single str"):
         tokenizer.encode_batch("a red circle", 8)
     assert not (tmp_path / "tokenizer.model").exists()
+
+
+def test_cli_says_why_the_vocabulary_is_smaller_and_names_an_empty_source(tmp_path, capsys):
+    from mmjax.tokenizer import main
+
+    out = tmp_path / "tok.model"
+    assert main(["train", "shapes", "--vocab-size", "256", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    size = Tokenizer.load(out).vocab_size
+    assert size < 256
+    assert printed.startswith(f"wrote {out}: vocabulary {size} (below --vocab-size 256, an upper ")
+    assert "these captions hold no more distinct pieces" in printed
+    blank = tmp_path / "blank.csv"
+    blank.write_text("filepath,caption\na.jpg,   \nb.jpg,\n")
+    assert main(["train", f"csv:{blank}", "--vocab-size", "64", "--out", str(out)]) == 2
+    err = capsys.readouterr().err  # After the progress bar:
+    assert err.endswith(f"\nerror: csv:{blank}: no usable caption among its 2 samples\n")

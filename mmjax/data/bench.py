@@ -13,7 +13,6 @@ decodes with one thread, so N workers use N cores.
 
 from __future__ import annotations
 
-import argparse
 import io
 import itertools
 import json
@@ -25,6 +24,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from mmjax import cli
 from mmjax.data.image_corpus import write_image_corpus, write_wds_shards
 from mmjax.data.pipeline import train_batches
 from mmjax.data.preprocess import ImageOptions, random_resized_crop_box
@@ -96,7 +96,7 @@ def _data_config() -> ml_collections.ConfigDict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmjax.data.bench", allow_abbrev=False)
+    parser = cli.ArgumentParser(prog="python -m mmjax.data.bench")
     parser.add_argument("specs", nargs="*", help="source specs, e.g. csv:/data/train.csv")
     parser.add_argument("--make-corpus", type=Path, help="write a 256 px JPEG corpus here first")
     parser.add_argument("--corpus-examples", type=int, default=2048)

@@ -11,11 +11,11 @@ Exit status: 0 done, 1 the source or output could not be used, 2 bad arguments.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
 
+from mmjax import cli
 from mmjax.data.arrayrecord_source import ArrayRecordSource, write_arrayrecord_shards
 from mmjax.data.csv_source import CsvSource
 from mmjax.data.sources import parse_spec
@@ -25,7 +25,7 @@ CONVERTIBLE = ("csv", "wds", "arrayrecord")  # arrayrecord -> arrayrecord re-sha
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m mmjax.data.convert", description=__doc__.split("\n", 1)[0]
     )
     parser.add_argument("src_spec", help="csv:PATH, wds:PATTERN or arrayrecord:GLOB")

@@ -14,7 +14,6 @@ share one corpus folder.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -27,6 +26,7 @@ from pathlib import Path
 import tqdm
 from PIL import Image
 
+from mmjax import cli
 from mmjax.data.csv_source import CsvSource
 from mmjax.data.records import BadSample
 from mmjax.data.shapes import ShapesSource
@@ -122,7 +122,7 @@ def write_wds_shards(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m mmjax.data.image_corpus", description=__doc__.split("\n", 1)[0]
     )
     parser.add_argument("out_dir")
