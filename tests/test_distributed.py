@@ -352,7 +352,7 @@ def test_missing_peer_gives_the_timeout_error_not_a_hang(tmp_path):
         }[pid]
         assert proc.returncode == 2, err[-3000:]
         assert err.strip().splitlines() == [expected]
-        assert elapsed < 30, elapsed
+        assert elapsed < 55, elapsed  # Ends by itself (no hang), even on a loaded machine.
         assert not (tmp_path / f"p{pid}").exists()  # Nothing ran.
 
 

@@ -1,8 +1,9 @@
-"""What a new user meets: commands typed from the repository root with relative paths, and
-failures that end in one clear line (the last one printed) with the documented exit code.
+"""What a new user meets: failures that end in one clear line (the last one printed) with the
+documented exit code. (tests/test_readme.py runs every README command, relative paths and
+all, from a fresh tree.)
 
 The slow tests copy the shared "straight" run (tests/runs.py) into a fresh copy of the tree
-and run the inference and evaluation CLIs there exactly as the README writes them.
+and run the CLIs there from its root, with relative paths.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from PIL import Image
 from tests.runs import REPO, env_for, train_args
 
 NEEDS = {
-    "test_every_cli_reads_a_relative_workdir": ("straight",),
     "test_damaged_checkpoints_end_in_one_line_without_tracebacks": ("straight",),
     "test_a_restore_that_fails_for_another_reason_sets_nothing_aside": ("straight",),
     "test_caption_names_every_bad_image_and_captions_the_rest": ("straight",),
@@ -76,35 +76,6 @@ def copy_run(runs, tree: Path, name="straight") -> Path:
     target = tree / "runs" / name
     shutil.copytree(source, target)
     return target
-
-
-@pytest.mark.slow
-def test_every_cli_reads_a_relative_workdir(tree, runs, cache_dir):
-    copy_run(runs, tree)
-    (tree / "images").mkdir()
-    for i, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
-        Image.new("RGB", (40, 30), colour).save(tree / "images" / f"{i}.png")
-    (tree / "classes.txt").write_text("red\nblue\n")
-    wd = "runs/straight"
-
-    ok(run_cli(tree, cache_dir, "mmjax.evaluate", "--workdir", wd, "--only", "default"))
-    assert json.loads((tree / wd / "eval.json").read_text())["step"] == 8
-    lines = ok(run_cli(tree, cache_dir, "mmjax.caption", "--workdir", wd, "images/0.png")).stdout
-    assert lines.startswith("images/0.png\t")
-    proc = run_cli(tree, cache_dir, "mmjax.classify", "--workdir", wd, "--classes", "classes.txt",
-                   "images/0.png", "images/1.png")  # fmt: skip
-    assert [line.split("\t")[0] for line in ok(proc).stdout.splitlines()] == [
-        "images/0.png",
-        "images/1.png",
-    ]
-    ok(run_cli(tree, cache_dir, "mmjax.search", "index", "--workdir", wd, "images",
-               "--out", "runs/index"))  # fmt: skip
-    hits = ok(run_cli(tree, cache_dir, "mmjax.search", "query", "runs/index", "a red circle"))
-    assert len(hits.stdout.splitlines()) == 2
-    ok(run_cli(tree, cache_dir, "mmjax.plot", "--workdir", wd))
-    assert (tree / wd / "curves.png").is_file()
-    ok(run_cli(tree, cache_dir, "mmjax.report", wd, "--out", "runs/report"))
-    assert (tree / "runs" / "report" / "summary.md").is_file()
 
 
 @pytest.mark.parametrize(
