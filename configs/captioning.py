@@ -7,7 +7,7 @@ Measured (tiny, 1500 steps, 2 CPU cores): captions as good as configs/coca.py's
 space is untrained (eval/i2t_r1 0.004, chance 0.002).
 """
 
-from mmjax.config_loading import sibling
+from mmjax.runtime.config import sibling
 
 
 def get_config(arg=None):

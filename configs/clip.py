@@ -8,7 +8,7 @@ eval/i2t_r5 0.99, eval/t2i_r1 0.58, i.e. retrieval close to configs/coca.py's (0
 0.88); captions are untrained (eval/caption_exact and eval/caption_bleu4 0).
 """
 
-from mmjax.config_loading import sibling
+from mmjax.runtime.config import sibling
 
 
 def get_config(arg=None):

@@ -23,7 +23,7 @@ eval/caption_exact about 0.82.
 
 import ml_collections
 
-from mmjax.config_loading import model_size, parse_arg
+from mmjax.runtime.config import model_size, parse_arg
 
 
 def get_config(arg=None):
@@ -40,7 +40,7 @@ def get_config(arg=None):
     # refused unless this is True (mesh, speed and cadence keys may always change; see
     # mmjax/run_record.py RESUMABLE_KEYS).
     config.allow_config_change = False
-    # A workdir (or mmjax.convert output) whose newest checkpoint's parameters start this run
+    # A workdir (or mmjax.interop.open_clip output) whose newest checkpoint's parameters start this run
     # (fresh optimizer); its model config (and tokenizer) replace model.* (and data.tokenizer).
     config.init_from = ""
     config.train = ml_collections.ConfigDict()
@@ -63,7 +63,7 @@ def get_config(arg=None):
     # (elsewhere); one may be -1 to fill its devices. dcn_data / dcn_fsdp multiply the data
     # and fsdp axes across slices/processes (their product: the number of them, or 1).
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1))
-    # A preset of mmjax.sharding.RULE_PRESETS: data_parallel (weights replicated) | fsdp
+    # A preset of mmjax.runtime.sharding.RULE_PRESETS: data_parallel (weights replicated) | fsdp
     # (weights' embed dim over fsdp) | fsdp_tensor (fsdp + heads/mlp/vocab over tensor);
     # or a list of (logical name, mesh axes) pairs. The batch goes over data x fsdp.
     config.sharding_rules = "fsdp_tensor"

@@ -10,7 +10,7 @@ eval/caption_exact 0.70 (coca: 0.59 / 0.88 / 0.59 / 0.91 / 0.82).
 
 import math
 
-from mmjax.config_loading import sibling
+from mmjax.runtime.config import sibling
 
 
 def get_config(arg=None):

@@ -24,7 +24,7 @@ eval/caption_exact about 0.996 and eval/caption_bleu4 about 0.997, the motion na
 (192 captions for 512 clips: many clips share one, and eval/i2t_r1_samecap is about 0.998).
 """
 
-from mmjax.config_loading import parse_arg, sibling
+from mmjax.runtime.config import parse_arg, sibling
 
 
 def get_config(arg=None):

@@ -16,32 +16,35 @@ from collections.abc import Sequence
 # verb -> (module whose main(argv) runs it, one line of help). A verb with sub-verbs maps to
 # a dict of them; the sub-verb "" is the default (`mmjax bench ARGS` times the train step).
 VERBS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
-    "train": ("mmjax.train", "train (or resume) a run from a config"),
-    "evaluate": ("mmjax.evaluate", "run a workdir's evaluators on a checkpoint"),
-    "caption": ("mmjax.caption", "caption image files"),
-    "classify": ("mmjax.classify", "zero-shot classify image files"),
-    "search": ("mmjax.search", "index a folder of images, query it by text"),
-    "sweep": ("mmjax.sweep", "train the variants of an ablation config"),
-    "report": ("mmjax.report", "plots and tables comparing runs"),
-    "plot": ("mmjax.plot", "a run's training curves as one PNG"),
-    "dryrun": ("mmjax.dryrun", "compile the step for a mesh, report memory and FLOPs"),
-    "convert": ("mmjax.convert", "import open_clip weights"),
-    "tokenizer": ("mmjax.tokenizer", "train a sentencepiece tokenizer on a source"),
+    "train": ("mmjax.tools.train", "train (or resume) a run from a config"),
+    "evaluate": ("mmjax.tools.evaluate", "run a workdir's evaluators on a checkpoint"),
+    "caption": ("mmjax.tools.caption", "caption image files"),
+    "classify": ("mmjax.tools.classify", "zero-shot classify image files"),
+    "search": ("mmjax.tools.search", "index a folder of images, query it by text"),
+    "sweep": ("mmjax.tools.sweep", "train the variants of an ablation config"),
+    "report": ("mmjax.tools.report", "plots and tables comparing runs"),
+    "plot": ("mmjax.tools.plot", "a run's training curves as one PNG"),
+    "dryrun": ("mmjax.tools.dryrun", "compile the step for a mesh, report memory and FLOPs"),
+    "convert": ("mmjax.interop.open_clip", "import open_clip weights"),
+    "tokenizer": ("mmjax.tools.tokenizer", "train a tokenizer on a source, or encode a text"),
     "data": {
-        "convert": ("mmjax.data.convert", "write a source as ArrayRecord shards"),
+        "convert": ("mmjax.tools.data", "write a source as ArrayRecord shards"),
         "corpus": ("mmjax.data.image_corpus", "write the built-in corpus as image files"),
     },
     "bench": {
-        "": ("mmjax.bench", "time the train step (MFU)"),
-        "data": ("mmjax.data.bench", "time the input pipeline"),
-        "generate": ("mmjax.generate_bench", "time KV-cached caption generation"),
-        "search": ("mmjax.search_bench", "time search indexing and queries"),
-        "checkpoint": ("mmjax.checkpoint_bench", "time checkpoint saves and restores"),
-        "loss": ("mmjax.loss_bench", "per-device memory of the sharded losses"),
+        "": ("mmjax.benchmarks.train_step", "time the train step (MFU)"),
+        "data": ("mmjax.benchmarks.data", "time the input pipeline"),
+        "generate": ("mmjax.benchmarks.generate", "time KV-cached caption generation"),
+        "search": ("mmjax.benchmarks.search", "time search indexing and queries"),
+        "checkpoint": ("mmjax.benchmarks.checkpoint", "time checkpoint saves and restores"),
+        "loss": ("mmjax.benchmarks.loss", "per-device memory of the sharded losses"),
     },
-    "distributed": ("mmjax.distributed", "print how this process would join a multi-host run"),
+    "distributed": (
+        "mmjax.runtime.distributed",
+        "print how this process would join a multi-host run",
+    ),
 }
-# Verbs whose steps run on this host's CPU when it has no accelerator (mmjax.host_memory).
+# Verbs whose steps run on this host's CPU when it has no accelerator (mmjax.runtime.host_memory).
 TUNED = {("train", ""), ("evaluate", ""), ("sweep", ""), ("bench", "")}
 
 
@@ -87,10 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if (verb, sub) in TUNED:
-        from mmjax.host_memory import tune_host_memory
+        from mmjax.runtime.host_memory import tune_host_memory
 
         tune_host_memory()  # Before JAX starts; may restart this process once.
-    from mmjax import cli
+    from mmjax.runtime import cli
 
     cli.invoked_as = f"mmjax {verb} {sub}".strip()
     return importlib.import_module(module).main(rest)

@@ -1,99 +1,12 @@
-"""Evaluate a trained run: every evaluator of its config (mmjax.evals.suite), or some.
+"""`python -m mmjax.evaluate`: the research convention's name for `mmjax evaluate`
+(mmjax.tools.evaluate, where the arguments are described)."""
 
-  python -m mmjax.evaluate --workdir DIR [--step N] [--only default,zeroshot]
-      [--config.evals.NAME.type=zeroshot --config.evals.NAME.classes=FILE ...]
-
-restores the latest (or the given) checkpoint of DIR, runs the default evaluation
-(retrieval + greedy captions on data.eval, keys eval/...) and the named evaluators of
-config.evals (keys eval/NAME/...), and writes DIR/eval.json. Evaluators can be added or
-changed on the command line. Eval batches are sharded over the mesh like training batches;
-padding rows are dropped, so every example counts once on any number of devices or processes.
-"""
-
-from __future__ import annotations
-
-import json
 import sys
 
-import jax
-
-from mmjax import cli, distributed, paths
-from mmjax.config_loading import ConfigError
-from mmjax.host_memory import tune_host_memory
-
-
-def main(argv=None) -> int:
-    from mmjax.checkpoint import CheckpointError
-    from mmjax.config_loading import apply_override, from_json_file, split_config_flags
-    from mmjax.data.stats import DataError
-    from mmjax.predict import restore_params
-    from mmjax.train import Trainer  # Same model, mesh and tokenizer set-up as training.
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        rest, overrides = split_config_flags(argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    parser = cli.ArgumentParser(prog="python -m mmjax.evaluate")
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    parser.add_argument(
-        "--only", default="", help="comma-separated evaluators to run ('default' or names)"
-    )
-    args = parser.parse_args(rest)
-    try:  # Before anything touches the devices.
-        distributed.initialize()
-    except distributed.DistributedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        workdir = paths.run_dir(args.workdir)
-    except paths.PathError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    config = from_json_file(workdir / "config.json")
-    try:
-        for item in overrides:
-            key, _, value = item.partition("=")
-            apply_override(config, key, value)
-        trainer = Trainer(config, workdir, for_eval=True)
-        # Parameters only: also reads directories without optimizer state (mmjax.convert).
-        step, params = restore_params(
-            workdir / "checkpoints",
-            trainer.abstract_state.params,
-            args.step,
-            warn=lambda m: print(f"[mmjax] {m}"),
-        )
-    except (ConfigError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:  # An eval source with no usable sample.
-        print(f"error: {e}", file=sys.stderr)
-        return 4
-    suite = trainer.evaluator
-    only = [name for name in args.only.split(",") if name] or None
-    unknown = sorted(set(only or ()) - {"default", *suite.named})
-    if unknown:
-        print(
-            f"error: --only {unknown}: no such evaluator; this config has "
-            f"{['default', *suite.named]}",
-            file=sys.stderr,
-        )
-        return 2
-    metrics = suite.run(params, step, everything=True, only=only)
-    metrics["step"] = step
-    if jax.process_index() == 0:
-        (workdir / "eval.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        for key, value in sorted(metrics.items()):
-            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
-        for ref, hyp in suite.default.last_samples[:5]:
-            print(f"  reference: {ref!r}\n  generated: {hyp!r}")
-        print(f"wrote {workdir / 'eval.json'}")
-    trainer.close()
-    return 0
-
+from mmjax.tools.evaluate import main
 
 if __name__ == "__main__":
-    tune_host_memory()
+    from mmjax.runtime.host_memory import tune_host_memory
+
+    tune_host_memory()  # Before JAX starts; may restart this process once.
     sys.exit(main())

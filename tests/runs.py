@@ -260,6 +260,6 @@ class Runs:
 
 
 def train_lines(workdir):
-    from mmjax.metric_writer import read_metrics
+    from mmjax.runtime.metric_writer import read_metrics
 
     return [r for r in read_metrics(workdir) if "loss" in r]

@@ -1,13 +1,13 @@
-"""mmjax.bench prints one JSON line with the contract's keys, computed from real timings."""
+"""mmjax.benchmarks.train_step prints one JSON line with the contract's keys, computed from real timings."""
 
 import json
 
 import pytest
 
-from mmjax.bench import main, synthetic_batch
-from mmjax.config_loading import load_config, model_size
-from mmjax.flops import train_flops_per_step
+from mmjax.benchmarks.train_step import main, synthetic_batch
 from mmjax.models.config import ModelConfig
+from mmjax.models.flops import train_flops_per_step
+from mmjax.runtime.config import load_config, model_size
 
 CONTRACT_KEYS = (
     "examples_per_sec",

@@ -1,4 +1,4 @@
-"""mmjax.caption_scores matches pycocoevalcap's BLEU, CIDEr-D and ROUGE-L and fails clearly."""
+"""mmjax.evals.metrics.coco_captions matches pycocoevalcap's BLEU, CIDEr-D and ROUGE-L and fails clearly."""
 
 import math
 import random
@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from mmjax.caption_scores import caption_scores, caption_scores_tokenized, tokenize
+from mmjax.evals.metrics.coco_captions import caption_scores, caption_scores_tokenized, tokenize
 
 # (candidate, references): repeated words, candidates longer and shorter than their references,
 # one sharing no n-gram, single words, shared phrases across images (so document frequency > 1).

@@ -1,11 +1,11 @@
-"""mmjax.classification_metrics on a hand-computed example: ties, top-k, an unpredicted class."""
+"""mmjax.evals.metrics.classification on a hand-computed example: ties, top-k, an unpredicted class."""
 
 import struct
 
 import numpy as np
 import pytest
 
-from mmjax.classification_metrics import classification_metrics, plot_confusion_matrix
+from mmjax.evals.metrics.classification import classification_metrics, plot_confusion_matrix
 
 LABELS = np.array([0, 0, 0, 1, 1, 2, 2, 3])
 # Five classes; class 3 is never predicted and class 4 occurs nowhere.

@@ -17,6 +17,8 @@ import jax
 import pytest
 
 from mmjax import train
+from mmjax.training.setup import Run
+from mmjax.training.trainer import Trainer
 from tests.runs import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,9 +33,9 @@ def no_compile(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a config error must be reported before any state or compilation")
 
-    monkeypatch.setattr(train.Trainer, "compile_step", forbidden)
-    monkeypatch.setattr(train, "create_train_state", forbidden)
-    monkeypatch.setattr(train, "compile_train_step", forbidden, raising=False)
+    monkeypatch.setattr(Trainer, "compile_step", forbidden)
+    monkeypatch.setattr(Run, "create_state", forbidden)
+    monkeypatch.setattr(Run, "compile_step", forbidden)
 
 
 def _single_error_line(stderr: str) -> str:
@@ -220,8 +222,8 @@ def test_bad_crop_scale_names_it(capsys, tmp_path, no_compile):
 
 
 def test_mixture_literal_round_trips_through_config_json(tmp_path):
-    from mmjax.config_loading import from_json_file, load_config, to_json
     from mmjax.data.sources import parse_mixture
+    from mmjax.runtime.config import from_json_file, load_config, to_json
 
     mixture = "[('shapes', 3.0), ('csv:/data/b.csv', 1.0)]"
     config = load_config(CONFIG + ":size=tiny", [f"data.train={mixture}"])

@@ -17,7 +17,7 @@ from mmjax.data.pipeline import eval_batches, train_batches
 from mmjax.data.preprocess import ImageOptions
 from mmjax.data.records import REASONS, BadSample
 from mmjax.data.stats import COLUMN, DataError, DataStats
-from mmjax.tokenizer import train_tokenizer
+from mmjax.text.sentencepiece import train_tokenizer
 
 SIZE = 8
 CONTEXT = 10

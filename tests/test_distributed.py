@@ -1,4 +1,4 @@
-"""Multi-process initialisation (mmjax.distributed) and the launchers in launch/.
+"""Multi-process initialisation (mmjax.runtime.distributed) and the launchers in launch/.
 
 - What `plan()` decides from an environment: explicit / SLURM / TPU / single, and the
   one-line errors for incomplete or bad settings; SLURM host-list expansion.
@@ -29,8 +29,8 @@ import jax
 import numpy as np
 import pytest
 
-from mmjax import distributed
-from mmjax.distributed import DistributedError, DistributedInfo, expand_nodelist, plan
+from mmjax.runtime import distributed
+from mmjax.runtime.distributed import DistributedError, DistributedInfo, expand_nodelist, plan
 from tests.runs import LOSS_KEYS, STEPS, train_lines
 
 REPO = Path(__file__).resolve().parents[1]
@@ -585,7 +585,7 @@ def test_slurm_bad_mode(no_cloud_tools):
 _JOIN = """
 import json, sys
 import numpy as np
-from mmjax import distributed
+from mmjax.runtime import distributed
 first = distributed.initialize()
 again = distributed.initialize()  # Idempotent: no second JAX initialisation.
 import jax
@@ -662,12 +662,12 @@ def test_two_processes_join_from_a_slurm_step_environment():
 
 
 def restored_params(workdir: Path):
-    from mmjax.config_loading import from_json_file
-    from mmjax.train import Trainer
+    from mmjax.runtime.config import from_json_file
+    from mmjax.training.trainer import Trainer
 
     config = from_json_file(workdir / "config.json")
     config.mesh.data = config.mesh.fsdp = config.mesh.tensor = 1  # Onto this one device.
-    trainer = Trainer(config, workdir, for_eval=True)
+    trainer = Trainer(config, workdir, existing_tokenizer=True)
     try:
         assert trainer.restore() == STEPS
         return jax.device_get(trainer.state.params)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import sacrebleu
 
-from mmjax.eval_metrics import caption_metrics, retrieval_metrics
+from mmjax.evals.metrics.retrieval import caption_metrics, retrieval_metrics
 
 
 def _from_scores(scores):
@@ -147,6 +147,32 @@ def test_samecap_counts_duplicate_captions_as_hits():
     for name in ("i2t", "t2i"):
         for k in (1, 5, 10):
             assert metrics[f"{name}_r{k}_samecap"] == 1.0
+
+
+def test_last_bit_differences_still_tie():
+    # The same caption embedded at two batch positions (or on another mesh) differs in its last
+    # bits; ranks must not depend on that noise.
+    captions = ["red", "red", "blue", "blue", "green"]
+    caption_id = {"red": 0, "blue": 1, "green": 2}
+    text = np.zeros((5, 4), np.float32)
+    image = np.zeros((5, 4), np.float32)
+    for i, caption in enumerate(captions):
+        text[i, caption_id[caption]] = 1.0
+        image[i, caption_id[caption]] = 1.0 + 0.01 * i
+    # Column 3 is where a real difference between the two "red" texts would show: image 0
+    # would then prefer text 0 and image 1 text 1.
+    image[0, 3], image[1, 3] = -1.0, 1.0
+    exact = retrieval_metrics(image, text, captions=captions)
+    assert exact["i2t_r1"] == pytest.approx((4 * 0.5 + 1) / 5)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        noisy = text * (1.0 + rng.uniform(-1e-6, 1e-6, size=(5, 1))).astype(np.float32)
+        assert retrieval_metrics(image, noisy, captions=captions) == pytest.approx(exact)
+    # A real difference (1e-3 of the score) is an order, not a tie: both red images now
+    # rank their own text first.
+    text[1, 3] = 1e-3
+    ordered = retrieval_metrics(image, text, captions=captions)
+    assert ordered["i2t_r1"] == pytest.approx((2 * 1.0 + 2 * 0.5 + 1) / 5)
 
 
 def test_chunking_does_not_change_results():

@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 
-from mmjax.config_loading import ConfigError, load_config
 from mmjax.data.csv_source import CsvSource
 from mmjax.data.shapes import ShapesSource
 from mmjax.evals.base import settings
@@ -15,6 +14,7 @@ from mmjax.evals.context import Subset
 from mmjax.evals.labels import label_reader
 from mmjax.evals.linear_probe import fit_linear_probe
 from mmjax.evals.suite import named_blocks
+from mmjax.runtime.config import ConfigError, load_config
 from tests.runs import run
 
 NEEDS = {"test_evaluate_named_evaluators_same_on_1_and_8_devices": ("learned",)}

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.checkpoint import COMMIT_MARKER, Checkpointer, CheckpointError, RestoreFailed
-from mmjax.preemption import StopRequests
+from mmjax.runtime.checkpoint import COMMIT_MARKER, Checkpointer, CheckpointError, RestoreFailed
+from mmjax.runtime.preemption import StopRequests
 from tests.runs import MESH_8, REPO, STEPS, TWO_PROCESSES, env_for, train_args
 from tests.test_training import assert_trees_equal, restore
 

@@ -1,6 +1,6 @@
 """The analytic train-step FLOP count against XLA's cost analysis of the real train step.
 
-`mmjax.flops` counts matmuls only (2*m*n*k, forward x3). XLA's count of the compiled step also
+`mmjax.models.flops` counts matmuls only (2*m*n*k, forward x3). XLA's count of the compiled step also
 includes the element-wise work (LayerNorm, GELU, softmax, the loss, AdamW on every parameter),
 a few percent at width 128, and it skips what the analytic count overstates (no input gradient
 for the patch embedding; the token embedding is a gather). So on an unrolled model where the
@@ -18,15 +18,15 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mmjax import sharding as shd
-from mmjax.config_loading import load_config
-from mmjax.flops import forward_flops_per_example, train_flops_per_step
 from mmjax.models.coca import CoCa
 from mmjax.models.config import ModelConfig
+from mmjax.models.flops import forward_flops_per_example, train_flops_per_step
 from mmjax.models.video import input_shape
-from mmjax.optimizer import learning_rate_schedule, make_optimizer
-from mmjax.train import train_step
-from mmjax.train_state import state_shardings
+from mmjax.runtime import sharding as shd
+from mmjax.runtime.config import load_config
+from mmjax.training.optimizer import learning_rate_schedule, make_optimizer
+from mmjax.training.state import state_shardings
+from mmjax.training.step import train_step
 
 BATCH = 8
 # Widths 128 (MLP 512) so that matmuls dominate; two layers per tower keep compiling quick.

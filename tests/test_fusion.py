@@ -16,16 +16,16 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from mmjax.config_loading import load_config
-from mmjax.flops import forward_flops_per_example
-from mmjax.generate import GenerateOptions, _initial_cache, make_generate_fn
-from mmjax.losses import caption_loss, contrastive_loss
+from mmjax.inference.generate import GenerateOptions, _initial_cache, make_generate_fn
 from mmjax.models.coca import CoCa
 from mmjax.models.config import SIZES, ModelConfig
+from mmjax.models.flops import forward_flops_per_example
 from mmjax.models.layers import prefix_lm_mask
 from mmjax.models.vit import ImageEncoder
-from mmjax.sweep import load_sweep, variant_overrides
-from mmjax.train import loss_and_grads
+from mmjax.runtime.config import load_config
+from mmjax.tools.sweep import load_sweep, variant_overrides
+from mmjax.training.losses import caption_loss, contrastive_loss
+from mmjax.training.objective import loss_and_grads
 from tests.runs import run_with_devices
 from tests.test_flops import MID, _flops
 from tests.test_generate import BATCH, naive_beam, naive_greedy
@@ -331,7 +331,7 @@ def test_beam_search_matches_naive_beam(setup):
 
 @pytest.mark.slow
 def test_a_few_train_steps_reduce_the_loss(setup):
-    """Five plain SGD steps on mmjax.train.loss_and_grads (configs/coca.py's loss: softmax
+    """Five plain SGD steps on mmjax.training.objective.loss_and_grads (configs/coca.py's loss: softmax
     contrastive + 2 x caption) on one fixed batch lower the loss and the caption loss."""
     s = setup
     loss_config = load_config(f"configs/coca.py:size=tiny,batch={BATCH}").loss
@@ -361,7 +361,7 @@ import json
 import flax.linen as nn
 import jax, numpy as np
 from flax import serialization
-from mmjax import sharding as shd
+from mmjax.runtime import sharding as shd
 from mmjax.models.coca import CoCa
 from mmjax.models.config import SIZES, ModelConfig
 
@@ -450,7 +450,7 @@ def test_sharded_forward_and_loss_match_one_device(tmp_path):
 
 
 def test_analytic_flops_match_xla():
-    """mmjax.flops counts each fusion's decoder as it counts CoCa's: against XLA's count of
+    """mmjax.models.flops counts each fusion's decoder as it counts CoCa's: against XLA's count of
     the unrolled forward pass (lowered, not compiled; tests/test_flops.py's mid-size model),
     early and late come out within 1% of the cross-attention ratio (measured 0.980 for all
     three; one decoder layer is several percent)."""

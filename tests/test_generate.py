@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.generate import (
+from mmjax.inference.generate import (
     GenerateOptions,
     _initial_cache,
     constrain_logits,

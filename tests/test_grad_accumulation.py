@@ -9,11 +9,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mmjax.config_loading import ConfigError, load_config
 from mmjax.models.coca import CoCa
 from mmjax.models.config import REMAT_POLICIES, SIZES, ModelConfig
 from mmjax.models.layers import EncoderBlock, Stack
-from mmjax.train import loss_and_grads
+from mmjax.runtime.config import ConfigError, load_config
+from mmjax.training.objective import loss_and_grads
 
 BATCH = 16
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from mmjax import host_memory as hm
+from mmjax.runtime import host_memory as hm
 
 GLIBC = (2, 36)
 KEEP = [hm.KEEP_FREED, hm.TRIM_THRESHOLD]
@@ -69,7 +69,7 @@ def test_process_restarts_once_with_the_tunables_and_its_arguments():
     if not hm.missing_tunables({}, hm.thp_mode(), hm.glibc_version()):
         pytest.skip("this machine's libc has no malloc tunables")
     code = (
-        "import os, sys; from mmjax import host_memory; "
+        "import os, sys; from mmjax.runtime import host_memory; "
         "print('start', flush=True); host_memory.tune_host_memory(); import jax; "
         "print(os.getpid(), os.environ['GLIBC_TUNABLES'], "
         "jax.config.values['jax_cpu_enable_async_dispatch'], sys.argv[1:])"
@@ -87,7 +87,7 @@ def test_process_restarts_once_with_the_tunables_and_its_arguments():
 # the page faults of one step in steady state.
 FAULTS = """
 import resource
-from mmjax.host_memory import tune_host_memory
+from mmjax.runtime.host_memory import tune_host_memory
 import mmjax.train  # What a CLI imports before it tunes (nothing may start JAX's backend).
 tune_host_memory()
 import jax, jax.numpy as jnp

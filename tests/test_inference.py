@@ -22,8 +22,9 @@ from PIL import Image
 
 from mmjax.data.preprocess import ImageOptions
 from mmjax.data.shapes import COLOURS, SHAPES, ShapesSource
-from mmjax.predict import BadImage, image_batches, padded_rows, read_image
-from mmjax.search import (
+from mmjax.inference.predictor import BadImage, image_batches, padded_rows, read_image
+from mmjax.inference.prompts import class_embeddings, read_classes, read_templates
+from mmjax.tools.search import (
     MANIFEST,
     SearchIndex,
     SearchIndexError,
@@ -32,7 +33,6 @@ from mmjax.search import (
     top_k,
     write_html,
 )
-from mmjax.zeroshot import class_embeddings, read_classes, read_templates
 from tests.runs import REPO, env_for, run
 
 SLOW_TESTS = (
@@ -96,7 +96,7 @@ def large_images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def predictor(learned):
-    from mmjax.predict import Predictor
+    from mmjax.inference.predictor import Predictor
 
     return Predictor.from_workdir(learned)
 
@@ -331,7 +331,7 @@ def test_padded_rows():
 @pytest.mark.slow
 def test_caption_cli_captions_in_input_order(learned, large_images, cache_dir):
     shuffled = [large_images[i] for i in np.random.default_rng(0).permutation(NUM_IMAGES)]
-    proc = run("mmjax.caption", ["--workdir", learned, *(p for p, _, _ in shuffled)], cache_dir)
+    proc = run("mmjax.tools.caption", ["--workdir", learned, *(p for p, _, _ in shuffled)], cache_dir)
     lines = proc.stdout.splitlines()
     assert len(lines) == NUM_IMAGES, proc.stdout
     exact = 0
@@ -352,7 +352,7 @@ def test_caption_cli_sampling_flags_reach_the_decoder(learned, large_images, cac
     # A temperature of 50 is almost uniform: unlike greedy (sampling itself, seeds and top-k
     # are checked in-process by test_predictor_decoding_options and tests/test_generate.py).
     hot = ["--method", "sample", "--temperature", "50", "--seed", "3"]
-    lines = run("mmjax.caption", ["--workdir", learned, *hot, *paths], cache_dir).stdout
+    lines = run("mmjax.tools.caption", ["--workdir", learned, *hot, *paths], cache_dir).stdout
     captions = [line.split("\t")[1] for line in lines.splitlines()]
     assert len(captions) == 4 and captions != predictor.caption(paths)
 
@@ -362,11 +362,11 @@ def test_caption_cli_bad_images_exit_2(learned, large_images, tmp_path, cache_di
     good = large_images[0][0]
     missing = tmp_path / "missing.png"
     _one_line_error(
-        _cli("mmjax.caption", ["--workdir", learned, good, missing], cache_dir), str(missing)
+        _cli("mmjax.tools.caption", ["--workdir", learned, good, missing], cache_dir), str(missing)
     )
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 64)
-    proc = _cli("mmjax.caption", ["--workdir", learned, good, corrupt], cache_dir)
+    proc = _cli("mmjax.tools.caption", ["--workdir", learned, good, corrupt], cache_dir)
     # The good image is still captioned; the bad one has its line, and the last line counts.
     assert proc.returncode == 2 and proc.stdout.startswith(f"{good}\t")
     lines = proc.stderr.strip().splitlines()
@@ -375,9 +375,9 @@ def test_caption_cli_bad_images_exit_2(learned, large_images, tmp_path, cache_di
         f"error: 1 of 2 images could not be read ({corrupt}); the others are captioned"
     ]
     _one_line_error(
-        _cli("mmjax.caption", ["--workdir", tmp_path, good], cache_dir), "has no config.json"
+        _cli("mmjax.tools.caption", ["--workdir", tmp_path, good], cache_dir), "has no config.json"
     )
-    proc = _cli("mmjax.caption", ["--workdir", learned, "--top-p", "2", good], cache_dir)
+    proc = _cli("mmjax.tools.caption", ["--workdir", learned, "--top-p", "2", good], cache_dir)
     _one_line_error(proc, "top_p=2.0")
 
 
@@ -402,7 +402,7 @@ def test_predictor_batches_pad_and_compile_once(predictor, large_images):
 
 @pytest.mark.slow
 def test_predictor_decoding_options(predictor, large_images):
-    from mmjax.generate import GenerateOptions
+    from mmjax.inference.generate import GenerateOptions
 
     paths = [p for p, _, _ in large_images]
     truth = [caption for _, _, caption in large_images]
@@ -433,7 +433,7 @@ def test_classify_cli(learned, large_images, tmp_path, cache_dir, predictor):
         "a large {} triangle at the top right\na large {} cross at the bottom\n"
     )
     args = ["--workdir", learned, "--classes", classes, "--templates", templates, *paths]
-    lines = run("mmjax.classify", args, cache_dir).stdout.splitlines()
+    lines = run("mmjax.tools.classify", args, cache_dir).stdout.splitlines()
     assert len(lines) == NUM_IMAGES
     correct = 0
     for line, (path, attributes, _) in zip(lines, large_images):
@@ -444,7 +444,7 @@ def test_classify_cli(learned, large_images, tmp_path, cache_dir, predictor):
 
     # The shipped shapes task, top 4 of 4: every class once, the API's probabilities.
     args = ["--workdir", learned, "--classes", SHAPES_CLASSES, "--templates", SHAPES_TEMPLATES]
-    lines = run("mmjax.classify", [*args, "-k", "4", *paths], cache_dir).stdout.splitlines()
+    lines = run("mmjax.tools.classify", [*args, "-k", "4", *paths], cache_dir).stdout.splitlines()
     expected = predictor.classify(
         paths, read_classes(SHAPES_CLASSES), read_templates(SHAPES_TEMPLATES), top_k=4
     )
@@ -459,7 +459,7 @@ def test_classify_cli(learned, large_images, tmp_path, cache_dir, predictor):
         np.testing.assert_allclose([float(p) for _, p in pairs], [p for _, p in ranked], atol=2e-4)
     bad = tmp_path / "dupes.txt"
     bad.write_text("circle\ncircle\n")
-    proc = _cli("mmjax.classify", ["--workdir", learned, "--classes", bad, paths[0]], cache_dir)
+    proc = _cli("mmjax.tools.classify", ["--workdir", learned, "--classes", bad, paths[0]], cache_dir)
     _one_line_error(proc, "dupes.txt:2")
 
 
@@ -489,7 +489,7 @@ def test_search_cli_finds_the_planted_image_and_resumes(
 ):
     out = tmp_path / "index"
     index_args = ["index", "--workdir", learned, planted_folder, "--out", out]
-    proc = run("mmjax.search", [*index_args, "--batch-size", "8", "--chunk-size", "8"], cache_dir)
+    proc = run("mmjax.tools.search", [*index_args, "--batch-size", "8", "--chunk-size", "8"], cache_dir)
     assert "24 embedded now" in proc.stdout and "1 unreadable skipped" in proc.stdout, proc
     assert "broken.jpg" in proc.stderr
     manifest = json.loads((out / MANIFEST).read_text())
@@ -498,7 +498,7 @@ def test_search_cli_finds_the_planted_image_and_resumes(
 
     page = tmp_path / "hits.html"
     args = ["query", out, PLANTED_CAPTION, "-k", "5", "--html", page]
-    lines = run("mmjax.search", args, cache_dir).stdout.splitlines()
+    lines = run("mmjax.tools.search", args, cache_dir).stdout.splitlines()
     assert len(lines) == 5
     rows = [line.split("\t") for line in lines]
     assert [r[0] for r in rows] == ["1", "2", "3", "4", "5"]
@@ -512,7 +512,7 @@ def test_search_cli_finds_the_planted_image_and_resumes(
     before = SearchIndex.load(out)
     manifest["chunks"], manifest["complete"] = manifest["chunks"][:1], False
     (out / MANIFEST).write_text(json.dumps(manifest))
-    proc = run("mmjax.search", [*index_args, "--chunk-size", "8"], cache_dir)
+    proc = run("mmjax.tools.search", [*index_args, "--chunk-size", "8"], cache_dir)
     assert "16 embedded now, 9 already done" in proc.stdout, proc.stdout
     after = SearchIndex.load(out)
     assert after.paths == before.paths
@@ -520,7 +520,7 @@ def test_search_cli_finds_the_planted_image_and_resumes(
 
     # Another model's index is refused before anything is loaded.
     other = ["index", "--workdir", tmp_path / "other_run", planted_folder, "--out", out]
-    _one_line_error(_cli("mmjax.search", other, cache_dir), "--overwrite")
+    _one_line_error(_cli("mmjax.tools.search", other, cache_dir), "--overwrite")
 
 
 SHARDED_SCRIPT = """
@@ -528,7 +528,7 @@ import json, sys
 from pathlib import Path
 import jax, numpy as np
 from mmjax.data.shapes import ShapesSource
-from mmjax.predict import Predictor
+from mmjax.inference.predictor import Predictor
 
 learned, workdir = Path(sys.argv[1]), Path(sys.argv[2])
 # The learned run, as if trained on a data=2 x fsdp=2 x tensor=2 mesh of 8 devices.

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mmjax.metric_writer import read_metrics
+from mmjax.runtime.metric_writer import read_metrics
 
 NEEDS = {"test_tiny_run_learns_retrieval_and_captions": ("learned",)}
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax import losses
+from mmjax.training import losses
 
 # Jitted once per input shape: eager dispatch compiles every primitive separately and is slower.
 _softmax = jax.jit(losses.softmax_contrastive_loss)

@@ -28,9 +28,9 @@ import numpy as np
 import pytest
 from jax.experimental import mesh_utils
 
-from mmjax import sharding as shd
-from mmjax.config_loading import ConfigError, from_json_file, load_config, to_json
-from mmjax.train import check_devices
+from mmjax.runtime import sharding as shd
+from mmjax.runtime.config import ConfigError, from_json_file, load_config, to_json
+from mmjax.training.setup import check_devices
 from tests.runs import FAST_COMPILE, run_with_devices
 
 REPO = Path(__file__).resolve().parents[1]
@@ -268,12 +268,12 @@ _EIGHT_DEVICES = """
 import json
 import jax
 import numpy as np
-from mmjax import sharding as shd
-from mmjax.config_loading import load_config
+from mmjax.runtime import sharding as shd
+from mmjax.runtime.config import load_config
 from mmjax.models.coca import CoCa
 from mmjax.models.config import ModelConfig
-from mmjax.optimizer import make_optimizer
-from mmjax.train_state import dummy_batch, state_shardings
+from mmjax.training.optimizer import make_optimizer
+from mmjax.training.state import dummy_batch, state_shardings
 import flax.linen as nn
 
 assert jax.device_count() == 8
@@ -408,7 +408,7 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.config.update("jax_num_cpu_devices", 4)
 pid, port = int(sys.argv[1]), sys.argv[2]
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
-from mmjax import sharding as shd
+from mmjax.runtime import sharding as shd
 
 mesh = shd.make_mesh({"data": -1, "fsdp": 2, "tensor": 1, "dcn_data": 2, "dcn_fsdp": 1})
 sharding = shd.batch_sharding(mesh, shd.DEFAULT_RULES, 2)
@@ -480,7 +480,7 @@ def test_two_processes_dcn_data_gives_each_process_half_the_data_axis(tmp_path):
 
 @pytest.mark.slow
 def test_dryrun_cli_on_8_simulated_devices(tmp_path):
-    """The real `python -m mmjax.dryrun`, DCN simulated: 2 slices x (fsdp=2, tensor=2)."""
+    """The real `python -m mmjax.tools.dryrun`, DCN simulated: 2 slices x (fsdp=2, tensor=2)."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)
     argv = [
@@ -497,7 +497,7 @@ def test_dryrun_cli_on_8_simulated_devices(tmp_path):
         "--config.mesh.dcn_data=2",
     ]
     proc = subprocess.run(
-        [sys.executable, "-m", "mmjax.dryrun", *argv],
+        [sys.executable, "-m", "mmjax.tools.dryrun", *argv],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -536,7 +536,7 @@ def test_dryrun_rejects_a_device_count_it_cannot_provide(capsys):
     still cannot get the count stops with one error line instead of looping."""
     import jax
 
-    from mmjax import dryrun
+    from mmjax.tools import dryrun
 
     jax.devices()  # The backend is up: the count can no longer change in this process.
     os.environ[dryrun._REEXEC_ENV] = "1"
@@ -549,7 +549,7 @@ def test_dryrun_rejects_a_device_count_it_cannot_provide(capsys):
 
 
 def test_dryrun_text_report_names_every_figure():
-    from mmjax.dryrun import format_report
+    from mmjax.tools.dryrun import format_report
 
     mib = 2**20
     report = {

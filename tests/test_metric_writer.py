@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from mmjax.metric_writer import MetricWriter, read_metrics
+from mmjax.runtime.metric_writer import MetricWriter, read_metrics
 
 
 def _crc32c(data: bytes) -> int:

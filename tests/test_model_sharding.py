@@ -10,10 +10,10 @@ import flax.linen as nn
 import jax
 import pytest
 
-from mmjax import sharding as shd
 from mmjax.models.coca import CoCa
 from mmjax.models.config import SIZES, ModelConfig
-from mmjax.train_state import dummy_batch
+from mmjax.runtime import sharding as shd
+from mmjax.training.state import dummy_batch
 from tests.runs import run_with_devices
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,12 +71,12 @@ def test_every_matrix_is_split_by_the_default_rules(scan_layers):
 _SHARDED_STATE = """
 import json
 import jax
-from mmjax import sharding as shd
-from mmjax.config_loading import load_config
+from mmjax.runtime import sharding as shd
+from mmjax.runtime.config import load_config
 from mmjax.models.coca import CoCa
 from mmjax.models.config import ModelConfig
-from mmjax.optimizer import make_optimizer
-from mmjax.train_state import create_train_state, state_shardings
+from mmjax.training.optimizer import make_optimizer
+from mmjax.training.state import create_train_state, state_shardings
 
 def spec(s):
     return [list(e) if isinstance(e, tuple) else e for e in s.spec]

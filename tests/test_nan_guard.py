@@ -6,14 +6,14 @@ import jax
 import numpy as np
 import pytest
 
-from mmjax import sharding as shd
-from mmjax.checkpoint import Checkpointer
-from mmjax.config_loading import load_config
 from mmjax.models.coca import CoCa
 from mmjax.models.config import ModelConfig
-from mmjax.optimizer import make_optimizer
-from mmjax.train import bind_train_step
-from mmjax.train_state import create_train_state
+from mmjax.runtime import sharding as shd
+from mmjax.runtime.checkpoint import Checkpointer
+from mmjax.runtime.config import load_config
+from mmjax.training.optimizer import make_optimizer
+from mmjax.training.state import create_train_state
+from mmjax.training.step import bind_train_step
 from tests.runs import STEPS, train_lines
 
 NEEDS = {"test_skip_run_finishes_and_keeps_the_last_finite_weights": ("nan_skip",)}
@@ -71,10 +71,10 @@ def test_skip_run_finishes_and_keeps_the_last_finite_weights(runs):
     checkpointer = Checkpointer(workdir / "checkpoints")
     try:
         assert checkpointer.all_steps()[-2:] == [4, 8]
-        from mmjax.config_loading import from_json_file
-        from mmjax.train import Trainer
+        from mmjax.runtime.config import from_json_file
+        from mmjax.training.trainer import Trainer
 
-        trainer = Trainer(from_json_file(workdir / "config.json"), workdir, for_eval=True)
+        trainer = Trainer(from_json_file(workdir / "config.json"), workdir, existing_tokenizer=True)
         try:
             trainer.restore(4)
             at4 = jax.device_get(trainer.state)

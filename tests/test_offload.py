@@ -4,14 +4,14 @@ import jax
 import numpy as np
 import pytest
 
-from mmjax import sharding as shd
-from mmjax.checkpoint import Checkpointer
-from mmjax.config_loading import load_config
 from mmjax.models.coca import CoCa
 from mmjax.models.config import ModelConfig
-from mmjax.optimizer import make_optimizer
-from mmjax.train import compile_train_step
-from mmjax.train_state import HOST_MEMORY, create_train_state, state_shardings
+from mmjax.runtime import sharding as shd
+from mmjax.runtime.checkpoint import Checkpointer
+from mmjax.runtime.config import load_config
+from mmjax.training.optimizer import make_optimizer
+from mmjax.training.state import HOST_MEMORY, create_train_state, state_shardings
+from mmjax.training.step import compile_train_step
 
 
 def _setup(offload):

@@ -1,4 +1,4 @@
-"""open_clip checkpoints converted by mmjax.convert reproduce open_clip's outputs.
+"""open_clip checkpoints converted by mmjax.interop.open_clip reproduce open_clip's outputs.
 
   .venv/bin/python -m pytest -p no:xdist tests/test_open_clip_parity.py
 
@@ -17,7 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.convert import ConversionError, convert_open_clip, convert_state_dict, model_config
+from mmjax.interop.open_clip import (
+    ConversionError,
+    convert_open_clip,
+    convert_state_dict,
+    model_config,
+)
 from mmjax.models.coca import CoCa
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,7 +201,7 @@ def test_mask_convention_matters():
 
 def torch_greedy(oc, images, cfg, bos, eos, pad, steps):
     """Greedy tokens from open_clip's forward (its generate needs `transformers`), banning
-    pad and BOS as mmjax.generate does."""
+    pad and BOS as mmjax.inference.generate does."""
     with torch.no_grad():
         latent, embs = oc._encode_image(images)
         text = torch.full((images.shape[0], 1), bos, dtype=torch.long)
@@ -215,7 +220,7 @@ def torch_greedy(oc, images, cfg, bos, eos, pad, steps):
 
 
 def test_greedy_captions_match():
-    from mmjax.generate import GenerateOptions, generate
+    from mmjax.inference.generate import GenerateOptions, generate
 
     config = coca_config(ctx=12, queries=5, dl=2, embed=48)
     config["text_cfg"]["vocab_size"] = config["multimodal_cfg"]["vocab_size"] = 40
@@ -265,8 +270,8 @@ def test_greedy_captions_match():
 
 
 def test_clip_tokenizer_matches_open_clip():
-    from mmjax.clip_tokenizer import ClipBpeTokenizer
-    from mmjax.convert import default_bpe_vocab
+    from mmjax.interop.open_clip import default_bpe_vocab
+    from mmjax.text.clip_bpe import ClipBpeTokenizer
 
     tok = ClipBpeTokenizer.load(default_bpe_vocab())
     texts = ["a photo of a cat.", "Two DOGS playing  in the snow!!", "naïve café, 123 &amp; x"]
@@ -308,7 +313,7 @@ def test_converter_errors(tmp_path):
     # The command line reports the same in one line.
     cfg_path, ckpt = _save(oc, dict(config, embed_dim=33), tmp_path)
     run = subprocess.run(
-        [sys.executable, "-m", "mmjax.convert", "open_clip", "--model-config", str(cfg_path),
+        [sys.executable, "-m", "mmjax.interop.open_clip", "open_clip", "--model-config", str(cfg_path),
          "--checkpoint", str(ckpt), "--out", str(tmp_path / "out")],
         capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip
@@ -317,7 +322,7 @@ def test_converter_errors(tmp_path):
 
 
 def test_converted_workdir_predicts_and_fine_tunes(tmp_path):
-    from mmjax.predict import Predictor
+    from mmjax.inference.predictor import Predictor
 
     config = coca_config(image=32, patch=8, vw=32, vl=1, hw=16, tw=32, th=2, tl=1, ctx=15,
                          embed=32, queries=5, dl=1)  # fmt: skip

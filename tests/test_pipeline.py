@@ -8,7 +8,7 @@ import pytest
 from mmjax.data.pipeline import eval_batches, num_eval_batches, train_batches
 from mmjax.data.preprocess import ImageOptions
 from mmjax.data.shapes import ShapesSource, all_captions
-from mmjax.tokenizer import train_tokenizer
+from mmjax.text.sentencepiece import train_tokenizer
 
 NUM_EXAMPLES = 40
 CONTEXT_LENGTH = 12

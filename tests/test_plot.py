@@ -1,9 +1,9 @@
-"""mmjax.plot draws a run's curves into a real PNG and fails clearly without metrics."""
+"""mmjax.tools.plot draws a run's curves into a real PNG and fails clearly without metrics."""
 
 import struct
 
-from mmjax.metric_writer import MetricWriter
-from mmjax.plot import main, plot_run, series
+from mmjax.runtime.metric_writer import MetricWriter
+from mmjax.tools.plot import main, plot_run, series
 
 
 def _png_size(path):

@@ -78,7 +78,7 @@ def shrink(command: str) -> str:
     words = shlex.split(command)
     verb = lambda w, before: (
         (w in ("train", "sweep") and before.endswith("mmjax"))
-        or (w in ("mmjax.train", "mmjax.sweep") and before == "-m")
+        or (w in ("mmjax.train", "mmjax.tools.sweep") and before == "-m")
     )
     trains = any(verb(w, before) for before, w in zip(words, words[1:])) or (
         words[:2] == ["bash", "launch/local.sh"] and words[2:3] not in (["test"], ["setup"])
@@ -86,7 +86,7 @@ def shrink(command: str) -> str:
     if words[:3] == ["bash", "launch/local.sh", "test"]:
         return shlex.join([*words, "--collect-only", "-q"])
     # The dry run and the benchmarks compile a model of the size they name: tiny here.
-    sizes = any(w in ("dryrun", "bench", "mmjax.dryrun", "mmjax.bench") for w in words)
+    sizes = any(w in ("dryrun", "bench", "mmjax.tools.dryrun", "mmjax.benchmarks.train_step") for w in words)
     out, skip = [], False
     for i, word in enumerate(words):
         if skip:
@@ -165,10 +165,10 @@ def test_readme_parsing():
     )
     assert shrink("bash launch/local.sh test") == "bash launch/local.sh test --collect-only -q"
     assert shrink(
-        ".venv/bin/python -m mmjax.dryrun --config configs/coca.py:size=large,batch=1024"
+        ".venv/bin/python -m mmjax.tools.dryrun --config configs/coca.py:size=large,batch=1024"
         " --devices 64"
     ) == (  # fmt: skip
-        ".venv/bin/python -m mmjax.dryrun --config configs/coca.py:size=tiny,batch=16 --devices 4"
+        ".venv/bin/python -m mmjax.tools.dryrun --config configs/coca.py:size=tiny,batch=16 --devices 4"
     )
     assert shrink("x -m mmjax.train --workdir r").endswith(" ".join(TRAIN_SHRINK))
     assert shrink(".venv/bin/mmjax train --workdir r").endswith(" ".join(TRAIN_SHRINK))

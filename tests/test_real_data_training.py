@@ -15,7 +15,7 @@ import pytest
 
 from mmjax.data.image_corpus import write_image_corpus, write_wds_shards
 from mmjax.data.records import REASONS
-from mmjax.metric_writer import read_metrics
+from mmjax.runtime.metric_writer import read_metrics
 from tests.runs import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def test_csv_corpus_tokenizer_cli_train_and_evaluate(corpus, cache_dir, tmp_path
         _run(
             ["train", f"csv:{train_csv}", "--vocab-size", "96", "--out", tok],
             cache_dir,
-            module="mmjax.tokenizer",
+            module="mmjax.tools.tokenizer",
         )
     )
     assert tok.is_file() and "from 163 captions" in proc.stdout  # 2 bad captions left out.
@@ -132,7 +132,7 @@ def test_wds_and_arrayrecord_mixture_trains_with_its_own_tokenizer(corpus, cache
     wds = write_wds_shards(train_csv, root / "wds", shard_size=64)
     out = tmp_path / "eval_ar"
     proc = _ok(
-        _run([f"csv:{eval_csv}", out, "--shards", "2"], cache_dir, module="mmjax.data.convert")
+        _run([f"csv:{eval_csv}", out, "--shards", "2"], cache_dir, module="mmjax.tools.data")
     )
     assert f"arrayrecord:{out}" in proc.stdout
     workdir = tmp_path / "run"

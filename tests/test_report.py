@@ -1,4 +1,4 @@
-"""mmjax.report compares runs: PNG plots, a summary table of final values, clear errors."""
+"""mmjax.tools.report compares runs: PNG plots, a summary table of final values, clear errors."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from mmjax.report import main, write_report
+from mmjax.tools.report import main, write_report
 
 
 def _write_run(run_dir, loss_scale, zeroshot, last_loss=None):
@@ -113,8 +113,8 @@ def test_many_runs_get_one_row_each(tmp_path):
 
 
 def test_metrics_logged_once_are_a_table_not_single_dots(tmp_path):
-    from mmjax.metric_writer import read_metrics
-    from mmjax.report import eval_keys, eval_layout
+    from mmjax.runtime.metric_writer import read_metrics
+    from mmjax.tools.report import eval_keys, eval_layout
 
     once = tmp_path / "once"
     once.mkdir()

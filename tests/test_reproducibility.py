@@ -37,11 +37,11 @@ import jax
 import numpy as np
 import pytest
 
-from mmjax import run_record
-from mmjax import sharding as shd
-from mmjax.config_loading import ConfigError, load_config, to_json, validate
-from mmjax.metric_writer import read_metrics
-from mmjax.run_record import RunRefused, WorkdirLock
+from mmjax.runtime import run_record
+from mmjax.runtime import sharding as shd
+from mmjax.runtime.config import ConfigError, load_config, to_json, validate
+from mmjax.runtime.metric_writer import read_metrics
+from mmjax.runtime.run_record import RunRefused, WorkdirLock
 from tests.runs import LOSS_KEYS, MESH_8, REPO, STEPS, TWO_PROCESSES, env_for, train, train_lines
 
 # Per-step values that depend only on the computation (not on timing).
@@ -237,7 +237,7 @@ def test_lock_released_at_exit_after_an_exception_and_left_by_sigkill(tmp_path):
     script = textwrap.dedent(
         f"""
         import os, signal, sys
-        from mmjax.run_record import WorkdirLock
+        from mmjax.runtime.run_record import WorkdirLock
         WorkdirLock({str(path)!r}).acquire()
         print(open({str(path)!r}).read(), flush=True)
         if sys.argv[1] == "kill":
@@ -275,8 +275,8 @@ def test_start_writes_a_run_record_and_holds_the_lock(tmp_path, capsys):
         assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
         # A second run of this workdir from another process is refused, with nothing recorded.
         script = (
-            "import sys, jax; from mmjax import run_record, sharding as shd; "
-            "from mmjax.config_loading import load_config; "
+            "import sys, jax; from mmjax.runtime import run_record, sharding as shd; "
+            "from mmjax.runtime.config import load_config; "
             "c = load_config('configs/coca.py:size=tiny,batch=16,steps=8'); "
             "m = shd.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]); "
             f"run_record.start({str(tmp_path)!r}, c, m, checkpoint_step=None)"
@@ -339,12 +339,12 @@ def test_git_state_is_null_outside_a_checkout(tmp_path):
 def restore_states(workdir: Path, step: int, meshes) -> list:
     """The state of `workdir`'s checkpoint `step` restored onto each (data, fsdp, tensor) mesh
     (the first devices), fetched to the host, through the trainer's restore path."""
-    from mmjax.checkpoint import Checkpointer
-    from mmjax.config_loading import from_json_file
     from mmjax.models.coca import CoCa
     from mmjax.models.config import ModelConfig
-    from mmjax.optimizer import make_optimizer
-    from mmjax.train_state import state_shardings
+    from mmjax.runtime.checkpoint import Checkpointer
+    from mmjax.runtime.config import from_json_file
+    from mmjax.training.optimizer import make_optimizer
+    from mmjax.training.state import state_shardings
 
     config = from_json_file(workdir / "config.json")
     model = CoCa(ModelConfig.from_mapping(config.model.to_dict()))
@@ -593,10 +593,10 @@ UNSAFE_CALLS = {  # (object name, attribute): why
 UNSAFE_BUILTINS = {"eval", "exec", "compile", "__import__"}
 # Where running code is the point: the config file the user passes (--config FILE.py).
 ALLOWED = {
-    ("mmjax/config_loading.py", "exec_module"),
+    ("mmjax/runtime/config.py", "exec_module"),
     # The open_clip converter reads the user's torch state dict with weights_only=True:
     # torch's restricted unpickler (tensors and containers only), as issue 8 specifies.
-    ("mmjax/convert.py", "torch.load (pickle)"),
+    ("mmjax/interop/open_clip.py", "torch.load (pickle)"),
 }
 
 
@@ -671,4 +671,4 @@ def test_the_safe_loading_scan_catches_each_unsafe_form():
         "out = jitted.lower(x).compile()\n"
     )
     assert unsafe_loads(safe, "mmjax/x.py") == []
-    assert unsafe_loads("spec.loader.exec_module(m)", "mmjax/config_loading.py") == []
+    assert unsafe_loads("spec.loader.exec_module(m)", "mmjax/runtime/config.py") == []

@@ -15,17 +15,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax import sharding as shd
 from mmjax import train
-from mmjax.config_loading import ConfigError, load_config, split_config_flags
 from mmjax.models.coca import CoCa
 from mmjax.models.config import SIZES, ModelConfig
+from mmjax.models.frame_encoders import frame_encoder
 from mmjax.models.resnet import ResNetEncoder, norm_groups
-from mmjax.models.towers import frame_encoder
-from mmjax.optimizer import make_optimizer
-from mmjax.sweep import load_sweep, parameter_count, variant_overrides
-from mmjax.train import bind_train_step
-from mmjax.train_state import create_train_state, dummy_batch
+from mmjax.runtime import sharding as shd
+from mmjax.runtime.config import ConfigError, load_config, split_config_flags
+from mmjax.tools.sweep import load_sweep, parameter_count, variant_overrides
+from mmjax.training.optimizer import make_optimizer
+from mmjax.training.setup import Run
+from mmjax.training.state import create_train_state, dummy_batch
+from mmjax.training.step import bind_train_step
+from mmjax.training.trainer import Trainer
 from tests.runs import run_with_devices
 from tests.test_model_sharding import KNOWN_NAMES
 
@@ -175,12 +177,12 @@ _EIGHT = """
 import json
 import jax
 import numpy as np
-from mmjax import sharding as shd
-from mmjax.config_loading import load_config
+from mmjax.runtime import sharding as shd
+from mmjax.runtime.config import load_config
 from mmjax.models.coca import CoCa
 from mmjax.models.config import ModelConfig
-from mmjax.optimizer import make_optimizer
-from mmjax.train_state import create_train_state
+from mmjax.training.optimizer import make_optimizer
+from mmjax.training.state import create_train_state
 
 assert jax.device_count() == 8
 config = load_config("configs/coca.py:size=tiny", OVERRIDES)
@@ -258,7 +260,7 @@ def test_sharded_forward_equals_one_device(eight):
 
 @pytest.mark.slow  # ~35 s of CPU: compiling the init and the train step of a whole CoCa.
 def test_train_steps_on_a_fixed_batch_reduce_the_loss():
-    """6 steps of mmjax.train.train_step on one batch of 8 (a 2-stage ResNet and 1-layer text
+    """6 steps of mmjax.training.step.train_step on one batch of 8 (a 2-stage ResNet and 1-layer text
     towers keep the compile short): the loss falls from ~15 to ~8."""
     steps, batch_size = 6, 8
     _, overrides = split_config_flags(SMALL_FLAGS)
@@ -310,8 +312,9 @@ def test_invalid_image_encoder_is_a_one_line_cli_error(capsys, tmp_path, monkeyp
     def forbidden(*args, **kwargs):
         raise AssertionError("a config error must be reported before any state or compilation")
 
-    monkeypatch.setattr(train.Trainer, "compile_step", forbidden)
-    monkeypatch.setattr(train, "create_train_state", forbidden)
+    monkeypatch.setattr(Trainer, "compile_step", forbidden)
+    monkeypatch.setattr(Run, "create_state", forbidden)
+    monkeypatch.setattr(Run, "compile_step", forbidden)
     workdir = tmp_path / "run"
     argv = ["--config", CONFIG, "--workdir", str(workdir), "--config.model.image_encoder=cnn"]
     assert train.main(argv) == 2

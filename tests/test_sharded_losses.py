@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from mmjax import losses, sharded_losses
-from mmjax.loss_bench import main as loss_bench_main
+from mmjax.benchmarks.loss import main as loss_bench_main
+from mmjax.training import losses, sharded_losses
 from tests.runs import run_with_devices
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,9 +32,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mmjax import losses
-from mmjax import sharding as shd
-from mmjax.sharded_losses import (
+from mmjax.training import losses
+from mmjax.runtime import sharding as shd
+from mmjax.training.sharded_losses import (
     chunked_sigmoid_loss, local_softmax_loss, sharded_contrastive_loss,
 )
 

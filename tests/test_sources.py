@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmjax.data import convert, sources, wds_source
+from mmjax.data import sources, wds_source
 from mmjax.data.arrayrecord_source import (
     ArrayRecordSource,
     decode_caption_only,
@@ -27,6 +27,7 @@ from mmjax.data.records import BadSample
 from mmjax.data.shapes import ShapesSource
 from mmjax.data.sources import caption_sample, make_source, parse_mixture, parse_spec
 from mmjax.data.wds_source import WebDatasetSource, expand_braces
+from mmjax.tools import data as convert
 
 # Sources never decode, so most fixtures use distinct byte strings as "images".
 CAPTIONS = [
@@ -688,7 +689,7 @@ def test_csv_wds_and_arrayrecord_forms_give_identical_training_batches(tmp_path)
 
     from mmjax.data.pipeline import train_batches
     from mmjax.data.preprocess import ImageOptions
-    from mmjax.tokenizer import train_tokenizer
+    from mmjax.text.sentencepiece import train_tokenizer
 
     csv_path = write_image_corpus(tmp_path / "corpus", num_examples=20, image_size=24)
     pattern = write_wds_shards(csv_path, tmp_path / "wds", shard_size=8)

@@ -15,10 +15,10 @@ import shutil
 
 import pytest
 
-from mmjax.config_loading import load_config
-from mmjax.metric_writer import read_metrics
-from mmjax.run_record import read_records
-from mmjax.sweep import load_sweep, mean_step_seconds, variant_overrides
+from mmjax.runtime.config import load_config
+from mmjax.runtime.metric_writer import read_metrics
+from mmjax.runtime.run_record import read_records
+from mmjax.tools.sweep import load_sweep, mean_step_seconds, variant_overrides
 from tests.runs import BASE, REPO, run
 
 STEPS = 4
@@ -28,7 +28,7 @@ COMMON = [*BASE, "--config.checkpoint_every=2", "--config.data.eval_examples=32"
 def sweep_file(folder, variants: dict) -> str:
     path = folder / "tiny_sweep.py"
     path.write_text(
-        "from mmjax.config_loading import load_module\n\n\n"
+        "from mmjax.runtime.config import load_module\n\n\n"
         "def get_config(arg=None):\n"
         f"    return load_module({str(REPO / 'configs' / 'coca.py')!r}).get_config(arg)\n\n\n"
         "def get_sweep():\n"
@@ -39,7 +39,7 @@ def sweep_file(folder, variants: dict) -> str:
 
 def sweep(spec, root, cache_dir, *extra, check=True):
     args = ["--config", spec, "--workdir", root, *extra, *COMMON]
-    return run("mmjax.sweep", args, cache_dir, check=check, timeout=900)
+    return run("mmjax.tools.sweep", args, cache_dir, check=check, timeout=900)
 
 
 def summary_rows(root) -> dict[str, dict[str, str]]:

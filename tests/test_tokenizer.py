@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mmjax.data.shapes import ShapesSource, all_captions
-from mmjax.tokenizer import Tokenizer, load_or_train_tokenizer, train_tokenizer
+from mmjax.text.sentencepiece import Tokenizer, load_or_train_tokenizer, train_tokenizer
 
 VOCAB_SIZE = 128
 
@@ -153,7 +153,7 @@ def test_bad_input_is_rejected_with_the_culprit_named(tmp_path, tokenizer):
 
 
 def test_cli_says_why_the_vocabulary_is_smaller_and_names_an_empty_source(tmp_path, capsys):
-    from mmjax.tokenizer import main
+    from mmjax.tools.tokenizer import main
 
     out = tmp_path / "tok.model"
     assert main(["train", "shapes", "--vocab-size", "256", "--out", str(out)]) == 0

@@ -16,17 +16,18 @@ import jax
 import numpy as np
 import pytest
 
-from mmjax import sharding as shd
-from mmjax.checkpoint import Checkpointer
-from mmjax.config_loading import from_json_file, load_config
 from mmjax.data.shapes import ShapesSource, all_captions
-from mmjax.metric_writer import read_metrics
 from mmjax.models.coca import CoCa
 from mmjax.models.config import ModelConfig
-from mmjax.optimizer import make_optimizer
-from mmjax.tokenizer import train_tokenizer
-from mmjax.train import Trainer, bind_train_step
-from mmjax.train_state import create_train_state
+from mmjax.runtime import sharding as shd
+from mmjax.runtime.checkpoint import Checkpointer
+from mmjax.runtime.config import from_json_file, load_config
+from mmjax.runtime.metric_writer import read_metrics
+from mmjax.text.sentencepiece import train_tokenizer
+from mmjax.training.optimizer import make_optimizer
+from mmjax.training.state import create_train_state
+from mmjax.training.step import bind_train_step
+from mmjax.training.trainer import Trainer
 from tests.runs import BATCH, JOBS, LOSS_KEYS, STEPS, run, train, train_lines
 
 # Per-step values that depend only on the computation (not on timing).
@@ -66,7 +67,7 @@ def eval_lines(workdir):
 
 def restore(workdir, step=None):
     """The train state of `workdir`'s checkpoint, through the trainer's own restore path."""
-    trainer = Trainer(from_json_file(Path(workdir) / "config.json"), workdir, for_eval=True)
+    trainer = Trainer(from_json_file(Path(workdir) / "config.json"), workdir, existing_tokenizer=True)
     try:
         restored_step = trainer.restore(step)
         return restored_step, jax.device_get(trainer.state)

@@ -95,7 +95,7 @@ def test_a_workdir_that_is_a_file_is_one_line(module, args, tmp_path, capsys, mo
     Path("c.txt").write_text("a\nb\n")
     Path("x.png").write_bytes(b"")
     Path("notes.txt").write_text("not a folder")
-    main = importlib.import_module(f"mmjax.{module}").main
+    main = importlib.import_module(f"mmjax.tools.{module}").main
     assert main([*args, "--workdir", "notes.txt"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
@@ -103,7 +103,8 @@ def test_a_workdir_that_is_a_file_is_one_line(module, args, tmp_path, capsys, mo
 
 
 def test_a_workdir_without_a_run_is_one_line(tmp_path, capsys, monkeypatch):
-    from mmjax import caption, evaluate
+    from mmjax import evaluate
+    from mmjax.tools import caption
 
     monkeypatch.chdir(tmp_path)
     Path("x.png").write_bytes(b"")
@@ -170,12 +171,12 @@ def test_caption_names_every_bad_image_and_captions_the_rest(tree, runs, cache_d
     Image.fromarray(np.full((20, 20, 3), 200, np.uint8)).save(tree / "images" / "good.png")
     (tree / "images" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     wd = ["--workdir", "runs/straight"]
-    proc = run_cli(tree, cache_dir, "mmjax.caption", *wd, "images/good.png", "a.jpg", "b.jpg")
+    proc = run_cli(tree, cache_dir, "mmjax.tools.caption", *wd, "images/good.png", "a.jpg", "b.jpg")
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == (
         "error: cannot read 2 of 3 images: a.jpg (no such file), b.jpg (no such file)\n"
     )
-    proc = run_cli(tree, cache_dir, "mmjax.caption", *wd, "images/broken.jpg", "images/good.png")
+    proc = run_cli(tree, cache_dir, "mmjax.tools.caption", *wd, "images/broken.jpg", "images/good.png")
     assert proc.returncode == 2
     assert [line.split("\t")[0] for line in proc.stdout.splitlines()] == ["images/good.png"]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -187,7 +188,7 @@ def test_caption_names_every_bad_image_and_captions_the_rest(tree, runs, cache_d
 
 
 def test_paths_in_a_config_are_made_absolute(tmp_path, monkeypatch):
-    from mmjax.config_loading import load_config
+    from mmjax.runtime.config import load_config
 
     monkeypatch.chdir(tmp_path)
     config = load_config(

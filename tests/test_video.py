@@ -19,7 +19,7 @@ from mmjax.data.records import BadSample
 from mmjax.data.shapes_video import MOTIONS, OPPOSITE, ShapesVideoSource, all_captions
 from mmjax.data.sources import make_source
 from mmjax.data.stats import COLUMN
-from mmjax.tokenizer import train_tokenizer
+from mmjax.text.sentencepiece import train_tokenizer
 from tests.runs import run_with_devices
 
 T = 4
@@ -309,7 +309,7 @@ def test_video_tower_keeps_the_image_towers_contract(variant, tokens):
 
     from mmjax.models.coca import CoCa
     from mmjax.models.config import SIZES, ModelConfig
-    from mmjax.models.towers import image_tower
+    from mmjax.models.registry import image_tower
 
     cfg = ModelConfig.from_mapping(
         dict(SIZES["tiny"], input_kind="video", video_frames=T, image_size=16, **variant)
@@ -339,13 +339,13 @@ _SHARDED = """
 import json
 import flax.linen as nn
 import jax, numpy as np
-from mmjax import sharding as shd
-from mmjax.losses import caption_loss
+from mmjax.runtime import sharding as shd
+from mmjax.training.losses import caption_loss
 from mmjax.models.coca import CoCa
 from mmjax.models.config import SIZES, ModelConfig
-from mmjax.sharded_losses import sharded_contrastive_loss
-from mmjax.train import batch_shardings
-from mmjax.train_state import dummy_batch
+from mmjax.training.sharded_losses import sharded_contrastive_loss
+from mmjax.training.step import batch_shardings
+from mmjax.training.state import dummy_batch
 
 assert jax.device_count() == 8
 cfg = ModelConfig.from_mapping(dict(SIZES["tiny"], input_kind="video", video_frames=4,
@@ -452,14 +452,14 @@ TRAIN_OVERRIDES = [
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from mmjax.config_loading import load_config
-    from mmjax.train import Trainer
+    from mmjax.runtime.config import load_config
+    from mmjax.tools.train import make_trainer
 
     config = load_config(
         f"configs/video.py:size=tiny,steps={TRAIN_STEPS},batch=32,image=16", TRAIN_OVERRIDES
     )
     workdir = tmp_path_factory.mktemp("video_run")
-    trainer = Trainer(config, workdir)
+    trainer = make_trainer(config, workdir)
     metrics = trainer.fit()
     yield trainer, metrics
     trainer.close()
@@ -484,8 +484,8 @@ def test_training_on_clips_learns_the_direction_from_frame_order(trained):
         assert np.isfinite(metrics[f"eval/{key}"]), key
     assert metrics["eval/retrieval/num_examples"] == 64
 
-    from mmjax import sharding as shd
-    from mmjax.generate import GenerateOptions
+    from mmjax.inference.generate import GenerateOptions
+    from mmjax.runtime import sharding as shd
 
     ctx, params = trainer.evaluator.context, trainer.state.params
     source = trainer.evaluator.default.source
@@ -514,7 +514,7 @@ def test_training_on_clips_learns_the_direction_from_frame_order(trained):
 
 @pytest.mark.slow
 def test_predictor_reads_clips_from_arrays_folders_and_stack_files(trained, tmp_path, capsys):
-    from mmjax.predict import BadImage, Predictor
+    from mmjax.inference.predictor import BadImage, Predictor
 
     trainer, _ = trained
     predictor = Predictor.from_workdir(trainer.workdir, warn=None)
@@ -532,7 +532,7 @@ def test_predictor_reads_clips_from_arrays_folders_and_stack_files(trained, tmp_
         predictor.embed_images([clips[0][:2]])
 
     # The caption CLI takes clip folders and stack files as its IMAGE arguments.
-    from mmjax import caption
+    from mmjax.tools import caption
 
     assert (
         caption.main(["--workdir", str(trainer.workdir), str(folder), str(tmp_path / "clip.npy")])

@@ -1,6 +1,6 @@
 """Image-encoder ablation: CoCa with its ViT image tower vs a ResNet of the same size.
 
-  python -m mmjax.sweep --config configs/ablations/encoders.py:size=tiny,steps=800 \
+  python -m mmjax.tools.sweep --config configs/ablations/encoders.py:size=tiny,steps=800 \
       --workdir runs/ablate_encoders
 
 Each variant trains in runs/ablate_encoders/<variant>; runs/ablate_encoders/summary.md and
@@ -28,7 +28,7 @@ so there are no eval figures here: the sweep's summary.md has them):
 
 Parameters match within 1% (params counts the whole CoCa; image tower = the encoder with its
 poolers) and forward FLOPs within 40% (XLA's cost analysis of the image tower on one image;
-mmjax.flops, and so the logged GFLOP/step and MFU, count a ViT tower). The first step is
+mmjax.models.flops, and so the logged GFLOP/step and MFU, count a ViT tower). The first step is
 mostly compilation (16 bottlenecks, each weight standardisation and GroupNorm adds ops); a
 CPU runs the narrow convolutions and GroupNorm over 32x32 maps less efficiently than the
 ViT's matmuls, so the ResNet's step is ~1.5x slower there.
@@ -36,7 +36,7 @@ ViT's matmuls, so the ResNet's step is ~1.5x slower there.
 
 from pathlib import Path
 
-from mmjax.config_loading import load_module
+from mmjax.runtime.config import load_module
 
 _CONFIGS = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """Fusion ablation: how the captioning decoder reads the image (model.fusion).
 
-  python -m mmjax.sweep --config configs/ablations/fusion.py:size=tiny,steps=800 \
+  python -m mmjax.tools.sweep --config configs/ablations/fusion.py:size=tiny,steps=800 \
       --workdir runs/ablate_fusion
 
 Each variant trains in runs/ablate_fusion/<variant>; runs/ablate_fusion/summary.md and the
@@ -27,7 +27,7 @@ Measured: see BUILD_NOTES.md 'Fusion ablation'.
 
 from pathlib import Path
 
-from mmjax.config_loading import load_module
+from mmjax.runtime.config import load_module
 
 _CONFIGS = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """Loss ablation: CoCa (contrastive + captioning) vs CLIP-only vs captioning-only vs sigmoid.
 
-  python -m mmjax.sweep --config configs/ablations/losses.py:size=tiny,steps=800 \
+  python -m mmjax.tools.sweep --config configs/ablations/losses.py:size=tiny,steps=800 \
       --workdir runs/ablate_losses
 
 Each variant trains in runs/ablate_losses/<variant>; runs/ablate_losses/summary.md and the
@@ -36,7 +36,7 @@ cider = eval/captioning/cider, zeroshot = eval/zeroshot/accuracy (8 colours, cha
 
 from pathlib import Path
 
-from mmjax.config_loading import load_module
+from mmjax.runtime.config import load_module
 
 _CONFIGS = Path(__file__).resolve().parents[1]
 

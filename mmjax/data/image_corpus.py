@@ -26,10 +26,10 @@ from pathlib import Path
 import tqdm
 from PIL import Image
 
-from mmjax import cli
 from mmjax.data.csv_source import CsvSource
 from mmjax.data.records import BadSample
 from mmjax.data.shapes import ShapesSource
+from mmjax.runtime import cli
 
 FORMATS = {"jpeg": ".jpg", "png": ".png"}
 

@@ -30,7 +30,7 @@ from mmjax.data.clips import load_clip
 from mmjax.data.preprocess import ImageOptions, decode_caption, load_image
 from mmjax.data.records import BadSample, Source
 from mmjax.data.stats import COLUMN, DataError, empty_counts
-from mmjax.tokenizer import Tokenizer
+from mmjax.text.tokenizer import TextTokenizer
 
 # A source whose samples fail this many times in a row is broken, not noisy.
 MAX_ATTEMPTS = 64
@@ -41,7 +41,7 @@ class ExampleLoader:
     """Reads, decodes and tokenises one example; picklable for grain workers."""
 
     sources: tuple[Source, ...]
-    tokenizer: Tokenizer
+    tokenizer: TextTokenizer
     image_options: ImageOptions
     context_length: int
     seed: int = 0
@@ -137,7 +137,7 @@ def require_usable(source: Source, image_options: ImageOptions, where: str) -> N
 
 def train_batches(
     sources: Sequence[Source],
-    tokenizer: Tokenizer,
+    tokenizer: TextTokenizer,
     *,
     global_batch_size: int,
     context_length: int,
@@ -193,7 +193,7 @@ def train_batches(
 
 def eval_batches(
     source: Source,
-    tokenizer: Tokenizer,
+    tokenizer: TextTokenizer,
     *,
     global_batch_size: int,
     context_length: int,

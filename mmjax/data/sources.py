@@ -22,6 +22,7 @@ import ast
 import math
 import numbers
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
@@ -200,3 +201,11 @@ def caption_sample(source: Source, limit: int = 5000, *, progress: bool = False)
         except BadSample:
             continue
     return captions
+
+
+def read_captions(sources: Sequence[Source], limit: int, *, progress: bool = False) -> list[str]:
+    """Up to `limit` usable captions spread evenly over `sources` and within each source."""
+    if limit < 1:
+        raise ValueError(f"caption limit must be >= 1, got {limit}")
+    per_source = max(1, limit // max(len(sources), 1))
+    return [c for source in sources for c in caption_sample(source, per_source, progress=progress)]

@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from mmjax.config_loading import ConfigError
+from mmjax.runtime.config import ConfigError
 
 # Settings every type takes. data: a source spec ('' = data.eval); every: steps between runs
 # during training (0: config.eval_every; the last step of a run always evaluates);

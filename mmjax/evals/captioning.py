@@ -1,6 +1,6 @@
 """Captioning: generate a caption per image, score it against the image's reference captions
-with BLEU-1..4, CIDEr-D and ROUGE-L (mmjax.caption_scores, pycocoevalcap's definitions) and
-exact match.
+with BLEU-1..4, CIDEr-D and ROUGE-L (mmjax.evals.metrics.coco_captions, pycocoevalcap's
+definitions) and exact match.
 
 A CSV often lists one image several times with different captions (COCO: five); those rows
 are grouped, the image is captioned once, and all its captions are its references. The
@@ -14,15 +14,15 @@ import json
 import jax
 import numpy as np
 
-from mmjax import sharding as shd
-from mmjax.caption_scores import caption_scores
-from mmjax.config_loading import ConfigError
 from mmjax.data.preprocess import decode_caption
 from mmjax.data.records import BadSample
 from mmjax.data.stats import DataStats
 from mmjax.evals.base import NamedEvaluator
 from mmjax.evals.context import Subset
-from mmjax.generate import GenerateOptions
+from mmjax.evals.metrics.coco_captions import caption_scores
+from mmjax.inference.generate import GenerateOptions
+from mmjax.runtime import sharding as shd
+from mmjax.runtime.config import ConfigError
 
 
 def _normalise(text: str) -> str:
@@ -47,7 +47,8 @@ def reference_groups(source) -> tuple[list[int], list[list[int]]]:
 
 class CaptioningEval(NamedEvaluator):
     type_name = "captioning"
-    # generate: mmjax.generate.GenerateOptions fields (method, beam_size, ...); seed: sampling.
+    # generate: mmjax.inference.generate.GenerateOptions fields (method, beam_size, ...);
+    # seed: sampling.
     defaults = {"generate": {}, "seed": 0}
 
     def __init__(self, name, block, ctx):

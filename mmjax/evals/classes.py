@@ -10,8 +10,8 @@ import jax
 import numpy as np
 
 import mmjax
-from mmjax.classification_metrics import classification_metrics, plot_confusion_matrix
-from mmjax.config_loading import ConfigError
+from mmjax.evals.metrics.classification import classification_metrics, plot_confusion_matrix
+from mmjax.runtime.config import ConfigError
 
 
 def resolve_file(path: str, where: str) -> Path:

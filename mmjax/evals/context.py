@@ -18,16 +18,16 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mmjax import sharding as shd
-from mmjax.config_loading import ConfigError
 from mmjax.data.pipeline import eval_batches, require_usable
 from mmjax.data.preprocess import ImageOptions
 from mmjax.data.sources import make_source
 from mmjax.data.stats import DataStats
-from mmjax.generate import GenerateOptions, make_generate_fn
+from mmjax.inference.generate import GenerateOptions, make_generate_fn
 from mmjax.models.coca import CoCa
 from mmjax.models.video import input_frames, input_shape
-from mmjax.tokenizer import Tokenizer
+from mmjax.runtime import sharding as shd
+from mmjax.runtime.config import ConfigError
+from mmjax.text.tokenizer import TextTokenizer
 
 
 class Subset:
@@ -68,7 +68,7 @@ class EvalContext:
         model: CoCa,
         mesh,
         rules,
-        tokenizer: Tokenizer,
+        tokenizer: TextTokenizer,
         *,
         workdir: str | Path | None = None,
     ):

@@ -9,12 +9,12 @@ import time
 import jax
 import numpy as np
 
-from mmjax import sharding as shd
 from mmjax.data.preprocess import decode_caption
 from mmjax.data.stats import DataStats
-from mmjax.eval_metrics import caption_metrics
+from mmjax.evals.metrics.retrieval import caption_metrics
 from mmjax.evals.retrieval import finite_retrieval_metrics
-from mmjax.generate import GenerateOptions
+from mmjax.inference.generate import GenerateOptions
+from mmjax.runtime import sharding as shd
 
 
 class DefaultEval:

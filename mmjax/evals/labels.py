@@ -12,12 +12,12 @@ import csv
 from collections.abc import Callable
 from pathlib import Path
 
-from mmjax.config_loading import ConfigError
 from mmjax.data.csv_source import CsvSource
 from mmjax.data.shapes import ShapesSource
 from mmjax.data.shapes_video import LABELS as VIDEO_LABELS
 from mmjax.data.shapes_video import ShapesVideoSource
 from mmjax.evals.context import Subset
+from mmjax.runtime.config import ConfigError
 
 SHAPES_LABELS = ("shape", "colour", "size", "position")
 

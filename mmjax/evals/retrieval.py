@@ -1,5 +1,5 @@
 """Image-text retrieval: recall@1/5/10 both ways, mean and median rank, and the `samecap`
-recalls that count any identical caption as a hit (see mmjax.eval_metrics)."""
+recalls that count any identical caption as a hit (see mmjax.evals.metrics.retrieval)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import numpy as np
 
 from mmjax.data.preprocess import decode_caption
 from mmjax.data.stats import DataStats
-from mmjax.eval_metrics import retrieval_metrics
 from mmjax.evals.base import NamedEvaluator
 from mmjax.evals.context import limited
+from mmjax.evals.metrics.retrieval import retrieval_metrics
 
 
 def finite_retrieval_metrics(image_emb, text_emb, captions) -> dict[str, float]:

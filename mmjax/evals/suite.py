@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import jax
 
-from mmjax.config_loading import ConfigError
 from mmjax.evals.captioning import CaptioningEval
 from mmjax.evals.context import EvalContext
 from mmjax.evals.default import DefaultEval
 from mmjax.evals.linear_probe import LinearProbeEval
 from mmjax.evals.retrieval import RetrievalEval
 from mmjax.evals.zeroshot import ZeroShotEval
+from mmjax.runtime.config import ConfigError
 
 TYPES = {
     cls.type_name: cls for cls in (RetrievalEval, CaptioningEval, ZeroShotEval, LinearProbeEval)

@@ -1,5 +1,5 @@
 """Zero-shot classification: class names and prompt templates from files, one text embedding
-per class (prompt ensembling, mmjax.zeroshot), each image assigned the nearest class.
+per class (prompt ensembling, mmjax.inference.prompts), each image assigned the nearest class.
 
 Reports top-1 / top-5 accuracy, macro precision / recall / F1, and writes the confusion
 matrix. Images whose label is not among the classes are counted (`unknown_label`), not scored.
@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmjax import zeroshot as prompts
-from mmjax.config_loading import ConfigError
 from mmjax.data.stats import DataStats
 from mmjax.evals.base import NamedEvaluator
 from mmjax.evals.classes import label_ids, resolve_file, scored
 from mmjax.evals.context import limited
 from mmjax.evals.labels import label_reader
+from mmjax.inference import prompts as prompts
+from mmjax.runtime.config import ConfigError
 
 
 class ZeroShotEval(NamedEvaluator):

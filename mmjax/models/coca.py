@@ -9,8 +9,8 @@ import jax.numpy as jnp
 from mmjax.models.config import ModelConfig
 from mmjax.models.fusion import PrefixLMDecoder
 from mmjax.models.layers import Dense, partitioned
+from mmjax.models.registry import image_tower
 from mmjax.models.text import MultimodalDecoder, TextEncoder
-from mmjax.models.towers import image_tower
 
 Array = jax.Array
 

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 REMAT_POLICIES = ("none", "minimal", "dots-saveable", "full")
 TOWERS = ("vision", "text", "decoder")
 DTYPES = ("float32", "bfloat16", "float16")
-# Layout options that reproduce open_clip (mmjax.convert); each tuple starts with the default.
+# Layout options that reproduce open_clip (mmjax.interop.open_clip); each tuple starts with
+# the default.
 MLP_ACTIVATIONS = ("gelu_tanh", "gelu", "quick_gelu")
 VIT_POOLS = ("two_poolers", "shared_queries", "class_token")
 TEXT_POOLS = ("cls", "argmax")
@@ -73,7 +74,7 @@ class ModelConfig:
     # Pixel normalisation applied on the device to uint8 images.
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    # open_clip layouts (set by mmjax.convert); the defaults are mmjax's own CoCa.
+    # open_clip layouts (set by mmjax.interop.open_clip); the defaults are mmjax's own CoCa.
     norm_eps: float = 1e-6  # open_clip: 1e-5 (torch's default).
     mlp_activation: str = "gelu_tanh"  # gelu = exact erf; quick_gelu = x * sigmoid(1.702 x).
     vit_class_token: bool = False  # A learned token before the patches; positions cover it.

@@ -23,7 +23,8 @@ optimisation benefit in the BiT recipe. The last norm of every residual branch s
 
 Every parameter carries logical names: conv kernels (None, None, 'conv_in', 'conv_out'), the
 3-channel stem kernel (None, None, None, 'conv_out'), norms 'norm'; feature maps are
-constrained to ('batch', None, None, 'act_conv'). mmjax.sharding maps these for every preset.
+constrained to ('batch', None, None, 'act_conv'). mmjax.runtime.sharding maps these for
+every preset.
 """
 
 from __future__ import annotations

@@ -17,9 +17,9 @@ from mmjax.models.layers import (
     constrain,
     partitioned,
 )
+from mmjax.text.tokenizer import PAD_ID
 
 Array = jax.Array
-PAD_ID = 0
 
 
 def text_attention_mask(tokens: Array, with_cls: bool, convention: str = "pad_keys") -> Array:

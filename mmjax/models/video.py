@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models.config import ModelConfig
+from mmjax.models.frame_encoders import frame_encoder
 from mmjax.models.layers import EncoderBlock, LayerNorm, Stack, constrain, partitioned
-from mmjax.models.towers import frame_encoder
 from mmjax.models.vit import AttentionalPooler
 
 Array = jax.Array

@@ -1,0 +1,255 @@
+"""Train-step benchmark on synthetic data: throughput, compile time, MFU.
+
+  mmjax bench --config configs/coca.py:size=bench [--steps N] [--config.KEY=VALUE ...]
+  python -m mmjax.benchmarks.train_step --config configs/coca.py:size=bench --compile-depths 2,12 \
+      --config.model.scan_layers=True
+  python -m mmjax.benchmarks.train_step --config configs/coca.py:size=bench --compare '' \
+      model.scan_layers=True model.remat=none,model.scan_layers=True
+
+--compare times variants of the config (each a comma-separated list of KEY=VALUE overrides,
+'' for the config as given) in one process, one step of each in turn, so that a noisy
+machine slows them alike; it prints one JSON line per variant, with its median step time
+as a ratio to the first variant's.
+
+Prints one JSON line. MFU = analytic model FLOPs per step (see mmjax/flops.py)
+/ step time / peak, where the peak is a data-sheet figure on known
+accelerators and a measured matmul rate elsewhere (the CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from mmjax.models.config import ModelConfig
+from mmjax.models.flops import peak_flops, train_flops_per_step
+from mmjax.models.video import input_shape
+from mmjax.runtime import cli
+from mmjax.runtime.config import ConfigError, load_config, split_config_flags
+from mmjax.runtime.host_memory import tune_host_memory
+from mmjax.training.setup import build_run
+from mmjax.training.step import batch_shardings
+
+
+def synthetic_batch(config, model_cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random pixels and captions with a realistic amount of padding."""
+    rng = np.random.default_rng(seed)
+    b, length = config.batch_size, model_cfg.context_length
+    images = rng.integers(0, 256, (b, *input_shape(model_cfg)), dtype=np.uint8)
+    tokens = rng.integers(4, model_cfg.vocab_size, (b, length), dtype=np.int32)
+    lengths = rng.integers(length // 2, length + 1, b)
+    tokens[:, 0] = 2
+    for row, n in enumerate(lengths):
+        tokens[row, n - 1] = 3
+        tokens[row, n:] = 0
+    return {"images": images, "tokens": tokens}
+
+
+@dataclasses.dataclass
+class PreparedStep:
+    """A compiled train step with its initial state and one device batch (benchmarks)."""
+
+    model_cfg: ModelConfig
+    mesh: Any
+    abstract: Any  # abstract train state (shapes, dtypes, shardings)
+    state: Any
+    step: Any  # the AOT-compiled train step
+    batch: dict[str, jax.Array]
+    compile_seconds: float
+
+
+def prepare_step(config) -> PreparedStep:
+    """Mesh, state and compiled step of `config`, as the trainer builds them, on a
+    synthetic batch."""
+    run = build_run(config)
+    state = run.create_state()
+    start = time.perf_counter()
+    compiled = run.compile_step()
+    compile_seconds = time.perf_counter() - start
+    in_shardings = batch_shardings(run.mesh, run.rules, run.model_cfg)
+    batch = {
+        k: jax.device_put(v, in_shardings[k])
+        for k, v in synthetic_batch(config, run.model_cfg).items()
+    }
+    return PreparedStep(
+        run.model_cfg, run.mesh, run.abstract_state, state, compiled, batch, compile_seconds
+    )
+
+
+def _warm_up(prepared: PreparedStep, steps: int = 2):
+    """(state, metrics) after `steps` untimed steps from the initial state."""
+    state = prepared.state
+    for _ in range(steps):
+        state, metrics = prepared.step(state, prepared.batch)
+    jax.block_until_ready(metrics)
+    return state, metrics
+
+
+def _timed_step(prepared: PreparedStep, state):
+    """(state, metrics, seconds) of one step, waited for."""
+    start = time.perf_counter()
+    state, metrics = prepared.step(state, prepared.batch)
+    jax.block_until_ready(metrics)
+    return state, metrics, time.perf_counter() - start
+
+
+def _peak_after_steps(dtype: str, peak: float, source: str) -> tuple[float, str]:
+    """A measured peak is measured again after the timed steps and the higher (steady-state)
+    rate kept, so a slow moment of this VM can only lower the MFU, never inflate it."""
+    if not source.startswith("measured"):
+        return peak, source
+    peak = max(peak, peak_flops(dtype, fresh=True)[0])
+    return peak, source + ", best of before and after the timed steps"
+
+
+def _model_flops(config, model_cfg: ModelConfig) -> float:
+    return train_flops_per_step(
+        model_cfg, config.batch_size, with_captioning=config.loss.caption_weight > 0
+    )
+
+
+def run(config, steps: int, warmup: int = 2) -> dict:
+    prepared = prepare_step(config)
+    model_cfg, mesh, abstract = prepared.model_cfg, prepared.mesh, prepared.abstract
+    cost = prepared.step.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    state, metrics = _warm_up(prepared, warmup)
+    peak, peak_source = peak_flops(model_cfg.dtype, fresh=True)
+    times = []
+    for _ in range(steps):  # Per-step times; the median resists this machine's noise.
+        state, metrics, seconds = _timed_step(prepared, state)
+        times.append(seconds)
+    peak, peak_source = _peak_after_steps(model_cfg.dtype, peak, peak_source)
+    step_seconds = float(np.median(times))
+    flops = _model_flops(config, model_cfg)
+    return {
+        "examples_per_sec": config.batch_size / step_seconds,
+        "step_seconds": step_seconds,
+        "step_seconds_min": float(np.min(times)),
+        "compile_seconds": prepared.compile_seconds,
+        "flops_per_step": flops,
+        "xla_flops_per_step": float(cost.get("flops", float("nan"))) * jax.device_count(),
+        "peak_flops": peak,
+        "peak_source": peak_source,
+        "mfu": flops / step_seconds / peak,
+        "achieved_flops": flops / step_seconds,
+        "steps": steps,
+        "batch_size": config.batch_size,
+        "devices": jax.device_count(),
+        "platform": jax.devices()[0].platform,
+        "mesh": dict(mesh.shape),
+        "dtype": model_cfg.dtype,
+        "scan_layers": model_cfg.scan_layers,
+        "remat": model_cfg.remat,
+        # mmjax.runtime.host_memory's doing (or the user's): malloc reuse and inline CPU dispatch.
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "cpu_async_dispatch": jax.config.values.get("jax_cpu_enable_async_dispatch"),
+        "params": int(sum(np.prod(a.shape) for a in jax.tree.leaves(abstract.params))),
+        "loss": float(metrics["loss"]),
+    }
+
+
+def compare(config_path: str, overrides: list[str], variants: list[str], steps: int) -> list:
+    """Step-interleaved timing of config variants: one step of each in turn, `steps` rounds.
+
+    Separate runs on a shared VM drift by more than the differences worth measuring
+    (+-10% within minutes here); interleaving exposes every variant to the same drift.
+    """
+    configs = [
+        load_config(config_path, [*overrides, *(item for item in variant.split(",") if item)])
+        for variant in variants
+    ]  # All loaded (and validated) before the first compilation.
+    prepared = [prepare_step(variant_config) for variant_config in configs]
+    states = [_warm_up(p)[0] for p in prepared]
+    dtype = configs[0].model.dtype
+    peak, peak_source = peak_flops(dtype, fresh=True)
+    times = [[] for _ in variants]
+    for _ in range(steps):
+        for i, p in enumerate(prepared):
+            states[i], _, seconds = _timed_step(p, states[i])
+            times[i].append(seconds)
+    peak, _ = _peak_after_steps(dtype, peak, peak_source)
+    medians = [float(np.median(t)) for t in times]
+    return [
+        {
+            "variant": variant,
+            "step_seconds": median,
+            "step_seconds_min": float(np.min(t)),
+            "examples_per_sec": config.batch_size / median,
+            "mfu": _model_flops(config, p.model_cfg) / median / peak,
+            "step_ratio_to_first": median / medians[0],
+            "compile_seconds": p.compile_seconds,
+            "peak_flops": peak,
+            "steps": steps,
+        }
+        for variant, config, p, median, t in zip(variants, configs, prepared, medians, times)
+    ]
+
+
+def compile_scaling(config, depths: list[int]) -> dict:
+    """Compile seconds of the train step at several depths (all towers scaled alike).
+
+    With scan over layers the compiled program holds one copy of each block,
+    so compile time should stay nearly flat in depth.
+    """
+    seconds = {}
+    for depth in depths:
+        cfg = config.copy_and_resolve_references()
+        cfg.model.vit_layers = cfg.model.text_layers = cfg.model.decoder_layers = depth
+        run = build_run(cfg)
+        start = time.perf_counter()
+        run.compile_step()
+        seconds[depth] = time.perf_counter() - start
+    return {
+        "compile_seconds": seconds,
+        "scan_layers": config.model.scan_layers,
+        "ratio_deepest_to_shallowest": seconds[max(depths)] / seconds[min(depths)],
+    }
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rest, overrides = split_config_flags(argv)
+        parser = cli.ArgumentParser(prog="python -m mmjax.benchmarks.train_step")
+        parser.add_argument("--config", required=True)
+        parser.add_argument("--steps", type=int, default=10)
+        parser.add_argument(
+            "--compile-depths",
+            type=str,
+            default="",
+            help="e.g. 2,12: report compile time at these depths instead",
+        )
+        parser.add_argument(
+            "--compare",
+            nargs="+",
+            metavar="VARIANT",
+            help="time these variants (KEY=VALUE,... each; '' = as given) step by step in turn",
+        )
+        args = parser.parse_args(rest)
+        if args.compare:
+            for line in compare(args.config, overrides, args.compare, args.steps):
+                print(json.dumps(line))
+            return 0
+        config = load_config(args.config, overrides)
+        if args.compile_depths:
+            result = compile_scaling(config, [int(d) for d in args.compile_depths.split(",")])
+        else:
+            result = run(config, args.steps)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    tune_host_memory()
+    sys.exit(main())

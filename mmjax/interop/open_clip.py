@@ -1,0 +1,556 @@
+"""Import open_clip CLIP and CoCa checkpoints into an mmjax workdir.
+
+  python -m mmjax.interop.open_clip open_clip --model-config coca_ViT-B-32.json \\
+      --checkpoint open_clip_model.safetensors --out runs/coca_b32 [--bpe-vocab PATH]
+
+CONFIG.json is in open_clip's model-config format; the checkpoint is a `.safetensors`
+file or a torch state_dict (read with weights_only=True; needs the `openclip` extra).
+DIR gets config.json (configs/coca.py with the matching model and the CLIP BPE
+tokenizer), and checkpoints/0 holding the parameters only, which mmjax.inference.predictor (caption,
+search) and `mmjax.train --config.init_from=DIR` read. Every tensor is checked first:
+missing, unexpected and mis-shaped tensors are reported by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmjax.models.coca import CoCa
+from mmjax.models.config import ModelConfig
+from mmjax.runtime import cli
+from mmjax.runtime.checkpoint import Checkpointer
+from mmjax.runtime.config import load_config, to_json
+from mmjax.training.state import dummy_batch
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+
+# open_clip config keys this converter understands, with the values it can reproduce
+# (None: any value). Anything else is refused by name rather than converted wrongly.
+_TOP = {
+    "embed_dim": None,
+    "vision_cfg": None,
+    "text_cfg": None,
+    "multimodal_cfg": None,
+    "quick_gelu": None,
+    "custom_text": None,
+    "init_logit_scale": None,
+    "init_logit_bias": None,
+    "preprocess_cfg": None,
+}
+_VISION = {
+    "image_size": None,
+    "layers": None,
+    "width": None,
+    "head_width": None,
+    "mlp_ratio": None,
+    "patch_size": None,
+    "attentional_pool": (False, True),
+    "attn_pooler_queries": None,
+    "attn_pooler_heads": None,
+    "output_tokens": None,
+    "patch_dropout": None,  # Training-time only.
+    "no_ln_pre": (False,),
+    "pos_embed_type": ("learnable",),
+    "pool_type": ("tok",),
+    "final_ln_after_pool": (False, True),  # Same result with tok pooling.
+    "ls_init_value": (None,),
+}
+_TEXT = {
+    "context_length": None,
+    "vocab_size": None,
+    "width": None,
+    "heads": None,
+    "layers": None,
+    "mlp_ratio": None,
+    "embed_cls": None,
+    "output_tokens": None,
+    "pad_id": (0,),
+    "pool_type": ("argmax",),
+    "proj_bias": (False,),
+    "proj_type": ("linear",),
+    "no_causal_mask": (False,),
+    "ls_init_value": (None,),
+    "final_ln_after_pool": (False,),
+    "dim_head": None,  # multimodal_cfg: unused by open_clip.
+    "n_queries": None,  # multimodal_cfg: ignored by open_clip.
+    "attn_pooler_heads": None,  # multimodal_cfg: ignored by open_clip.
+    "latent_dim": None,
+}
+# Buffers open_clip may save that carry no parameters.
+_IGNORED = ("attn_mask",)
+
+
+class ConversionError(ValueError):
+    """The checkpoint or config does not match what mmjax can reproduce (one line)."""
+
+
+def _check_keys(section: str, values: Mapping[str, Any], allowed: Mapping[str, Any]) -> None:
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ConversionError(f"open_clip config: unknown keys in {section}: {unknown}")
+    for key, choices in allowed.items():
+        if key in values and choices is not None and values[key] not in choices:
+            raise ConversionError(
+                f"open_clip config: {section}.{key}={values[key]!r} is not supported "
+                f"(supported: {list(choices)})"
+            )
+
+
+def model_config(oc: Mapping[str, Any]) -> ModelConfig:
+    """The ModelConfig reproducing the open_clip model of config `oc` (CLIP or CoCa)."""
+    _check_keys("the top level", oc, _TOP)
+    vision, text = dict(oc.get("vision_cfg", {})), dict(oc.get("text_cfg", {}))
+    multimodal = oc.get("multimodal_cfg")
+    _check_keys("vision_cfg", vision, _VISION)
+    _check_keys("text_cfg", text, _TEXT)
+    coca = multimodal is not None
+    if coca:
+        _check_keys("multimodal_cfg", multimodal, _TEXT)
+    # open_clip's defaults (CLIPVisionCfg / CLIPTextCfg).
+    v = dict(layers=12, width=768, head_width=64, mlp_ratio=4.0, patch_size=16, image_size=224)
+    v.update(vision)
+    t = dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12, mlp_ratio=4.0)
+    t.update(text)
+    embed_dim = int(oc["embed_dim"])
+    if coca != bool(t.get("embed_cls", False)):
+        raise ConversionError(
+            "open_clip config: text_cfg.embed_cls must be true exactly for CoCa models"
+        )
+    pooled_attn = bool(v.get("attentional_pool", False))
+    if coca != pooled_attn:
+        raise ConversionError(
+            "open_clip config: vision_cfg.attentional_pool must be true exactly for CoCa models"
+        )
+    for name, cfg in (("vision_cfg", v), ("text_cfg", t)):
+        if not float(cfg["mlp_ratio"]) * cfg["width"] == int(cfg["mlp_ratio"] * cfg["width"]):
+            raise ConversionError(f"open_clip config: {name}.mlp_ratio gives a fractional width")
+    if v["width"] % v["head_width"]:
+        raise ConversionError("open_clip config: vision_cfg.width is not a multiple of head_width")
+    mean = tuple(oc.get("preprocess_cfg", {}).get("mean", OPENAI_MEAN))
+    std = tuple(oc.get("preprocess_cfg", {}).get("std", OPENAI_STD))
+    fields: dict[str, Any] = dict(
+        image_size=int(v["image_size"]),
+        patch_size=int(v["patch_size"]),
+        vit_width=int(v["width"]),
+        vit_layers=int(v["layers"]),
+        vit_heads=int(v["width"]) // int(v["head_width"]),
+        vit_mlp_dim=int(v["mlp_ratio"] * v["width"]),
+        vocab_size=int(t["vocab_size"]),
+        text_width=int(t["width"]),
+        text_layers=int(t["layers"]),
+        text_heads=int(t["heads"]),
+        text_mlp_dim=int(t["mlp_ratio"] * t["width"]),
+        embed_dim=embed_dim,
+        norm_eps=1e-5,
+        mlp_activation="quick_gelu" if oc.get("quick_gelu", False) else "gelu",
+        vit_class_token=True,
+        vit_ln_pre=True,
+        init_logit_scale=float(oc.get("init_logit_scale", math.log(1 / 0.07))),
+        init_logit_bias=float(oc.get("init_logit_bias") or 0.0),
+        image_mean=mean,
+        image_std=std,
+        scan_layers=True,
+    )
+    if coca:
+        m = dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12)
+        m.update(multimodal)
+        for key in ("width", "heads", "vocab_size"):
+            if m[key] != t[key]:
+                raise ConversionError(
+                    f"open_clip config: multimodal_cfg.{key}={m[key]} differs from "
+                    f"text_cfg.{key}={t[key]}; mmjax's decoder shares the text tower's"
+                )
+        if embed_dim != t["width"]:  # open_clip's decoder normalises them at its width.
+            raise ConversionError(
+                f"open_clip config: CoCa needs embed_dim ({embed_dim}) == text_cfg.width "
+                f"({t['width']}): its decoder attends to embed_dim-wide image tokens"
+            )
+        if float(t["mlp_ratio"]) != 4.0:  # open_clip's decoder always uses ratio 4.
+            raise ConversionError("open_clip config: CoCa needs text_cfg.mlp_ratio=4")
+        fields.update(
+            context_length=int(t["context_length"]) + 1,  # + the CLS slot.
+            decoder_layers=int(m["layers"]),
+            caption_queries=int(v.get("attn_pooler_queries", 256)) - 1,
+            vit_pool="shared_queries",
+            pool_width=embed_dim,
+            pool_heads=int(v.get("attn_pooler_heads", 8)),
+            text_pool="cls",
+            text_mask="open_clip",
+            decoder_block="split",
+            captioning=True,
+        )
+    else:
+        fields.update(
+            context_length=int(t["context_length"]),
+            vit_pool="class_token",
+            text_pool="argmax",
+            captioning=False,
+        )
+    cfg = ModelConfig(**fields)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise ConversionError(f"open_clip config gives an invalid model: {e}") from None
+    return cfg
+
+
+@dataclasses.dataclass
+class _Rule:
+    sources: tuple[str, ...]  # open_clip tensor names.
+    shapes: tuple[tuple[int, ...], ...]  # Their expected shapes.
+    target: tuple[str, ...]  # mmjax parameter path.
+    fn: Callable[..., np.ndarray]
+    layer: int | None = None  # Stacked along a leading axis (scanned layers).
+
+
+def _attention(heads: int, width: int) -> dict[str, Callable]:
+    hk = (heads, width // heads)
+
+    def qkv(w):  # [3D, Din] rows [Wq; Wk; Wv] -> [Din, 3, H, K]
+        return w.reshape(3, *hk, w.shape[1]).transpose(3, 0, 1, 2)
+
+    def separate(*ws):  # [D, Din] each -> [Din, n, H, K]
+        return np.stack([w.reshape(*hk, w.shape[1]).transpose(2, 0, 1) for w in ws], axis=1)
+
+    return dict(
+        qkv=qkv,
+        qkv_bias=lambda b: b.reshape(3, *hk),
+        out=lambda w: w.T.reshape(*hk, w.shape[0]),
+        separate=separate,
+    )
+
+
+def _rules(cfg: ModelConfig, text_prefix: str) -> list[_Rule]:
+    rules: list[_Rule] = []
+    T = lambda w: w.T
+    same = lambda w: w
+
+    def add(sources, shapes, target, fn=same, layer=None):
+        if isinstance(sources, str):
+            sources, shapes = (sources,), (shapes,)
+        rules.append(_Rule(tuple(sources), tuple(shapes), tuple(target.split("/")), fn, layer))
+
+    def norm(src, width, target, layer=None):
+        add(f"{src}.weight", (width,), f"{target}/scale", layer=layer)
+        add(f"{src}.bias", (width,), f"{target}/bias", layer=layer)
+
+    def linear(src, din, dout, target, layer=None):
+        add(f"{src}.weight", (dout, din), f"{target}/kernel", T, layer)
+        add(f"{src}.bias", (dout,), f"{target}/bias", layer=layer)
+
+    def self_attention(src, width, heads, target, layer):
+        a = _attention(heads, width)
+        add(f"{src}.in_proj_weight", (3 * width, width), f"{target}/qkv_kernel", a["qkv"], layer)
+        add(f"{src}.in_proj_bias", (3 * width,), f"{target}/qkv_bias", a["qkv_bias"], layer)
+        add(f"{src}.out_proj.weight", (width, width), f"{target}/out_kernel", a["out"], layer)
+        add(f"{src}.out_proj.bias", (width,), f"{target}/out_bias", layer=layer)
+
+    def cross_attention(src, width, context, heads, target, layer=None):
+        a = _attention(heads, width)
+        w, b = f"{src}.in_proj_weight", f"{src}.in_proj_bias"
+        if context == width:  # torch fuses the three projections then.
+            shape = (3 * width, width)
+            add(w, shape, f"{target}/query_kernel", lambda x: a["separate"](x[:width]), layer)
+            add(
+                w,
+                shape,
+                f"{target}/kv_kernel",
+                lambda x: a["separate"](*x[width:].reshape(2, width, -1)),
+                layer,
+            )  # noqa: E501
+        else:
+            add(f"{src}.q_proj_weight", (width, width), f"{target}/query_kernel", a["separate"])
+            add(
+                (f"{src}.k_proj_weight", f"{src}.v_proj_weight"),
+                ((width, context), (width, context)),
+                f"{target}/kv_kernel",
+                a["separate"],
+            )
+        hk = (heads, width // heads)
+        add(b, (3 * width,), f"{target}/query_bias", lambda x: x[:width].reshape(1, *hk), layer)
+        add(b, (3 * width,), f"{target}/kv_bias", lambda x: x[width:].reshape(2, *hk), layer)
+        add(f"{src}.out_proj.weight", (width, width), f"{target}/out_kernel", a["out"], layer)
+        add(f"{src}.out_proj.bias", (width,), f"{target}/out_bias", layer=layer)
+
+    def block(src, width, heads, mlp, target, layer, names=("ln_attn", "attn", "ln_mlp", "mlp")):
+        norm(f"{src}.ln_1", width, f"{target}/{names[0]}", layer)
+        self_attention(f"{src}.attn", width, heads, f"{target}/{names[1]}", layer)
+        norm(f"{src}.ln_2", width, f"{target}/{names[2]}", layer)
+        linear(f"{src}.mlp.c_fc", width, mlp, f"{target}/{names[3]}/fc1", layer)
+        linear(f"{src}.mlp.c_proj", mlp, width, f"{target}/{names[3]}/fc2", layer)
+
+    # Image tower.
+    w, p = cfg.vit_width, cfg.patch_size
+    img = "image_encoder"
+    # conv [W, 3, P, P] -> kernel [(row, col, channel), W], mmjax's patch order.
+    add("visual.conv1.weight", (w, 3, p, p), f"{img}/patch_embed/kernel",
+        lambda x: x.transpose(2, 3, 1, 0).reshape(p * p * 3, w))  # fmt: skip
+    add((), (), f"{img}/patch_embed/bias", lambda: np.zeros(w, np.float32))  # conv has none
+    add("visual.class_embedding", (w,), f"{img}/cls_token")
+    add("visual.positional_embedding", (cfg.vit_positions, w), f"{img}/pos_embed")
+    norm("visual.ln_pre", w, f"{img}/ln_pre")
+    for i in range(cfg.vit_layers):
+        block(f"visual.transformer.resblocks.{i}", w, cfg.vit_heads, cfg.vit_mlp_dim,
+              f"{img}/blocks/layers", i)  # fmt: skip
+    e = cfg.embed_dim
+    if cfg.vit_pool == "shared_queries":
+        q = cfg.pool_width
+        add("visual.attn_pool.query", (cfg.caption_queries + 1, q), f"{img}/pool/queries")
+        norm("visual.attn_pool.ln_q", q, f"{img}/pool/ln_queries")
+        norm("visual.attn_pool.ln_k", w, f"{img}/pool/ln_context")
+        cross_attention("visual.attn_pool.attn", q, w, cfg.pool_heads, f"{img}/pool/attn")
+        norm("visual.ln_post", q, f"{img}/pool/ln_out")
+        add("visual.proj", (q, e), "image_proj/kernel")
+    else:
+        norm("visual.ln_post", w, f"{img}/ln_post")
+        add("visual.proj", (w, e), "image_proj/kernel")
+
+    # Text tower.
+    tw, tp = cfg.text_width, text_prefix
+    txt = "text_encoder"
+    add(f"{tp}token_embedding.weight", (cfg.vocab_size, tw), f"{txt}/token_embed/embedding")
+    add(f"{tp}positional_embedding", (cfg.context_length, tw), f"{txt}/pos_embed")
+    for i in range(cfg.text_layers):
+        block(f"{tp}transformer.resblocks.{i}", tw, cfg.text_heads, cfg.text_mlp_dim,
+              f"{txt}/blocks/layers", i)  # fmt: skip
+    if cfg.text_pool == "cls":
+        add(f"{tp}cls_emb", (tw,), f"{txt}/cls")
+        norm(f"{tp}ln_final", tw, f"{txt}/ln_cls")
+    else:
+        norm(f"{tp}ln_final", tw, f"{txt}/ln_final")
+    add(f"{tp}text_projection", (tw, e), "text_proj/kernel")
+
+    # Multimodal decoder.
+    if cfg.captioning:
+        dec = "decoder/blocks/layers"
+        for i in range(cfg.decoder_layers):
+            names = ("ln_self", "self_attn", "ln_self_mlp", "self_mlp")
+            block(f"text_decoder.resblocks.{i}", tw, cfg.text_heads, cfg.text_mlp_dim, dec, i,
+                  names)  # fmt: skip
+            src = f"text_decoder.cross_attn.{i}"
+            norm(f"{src}.ln_1", tw, f"{dec}/ln_cross", i)
+            norm(f"{src}.ln_1_kv", tw, f"{dec}/ln_context", i)
+            cross_attention(f"{src}.attn", tw, tw, cfg.text_heads, f"{dec}/cross_attn", i)
+            norm(f"{src}.ln_2", tw, f"{dec}/ln_mlp", i)
+            linear(f"{src}.mlp.c_fc", tw, cfg.text_mlp_dim, f"{dec}/mlp/fc1", i)
+            linear(f"{src}.mlp.c_proj", cfg.text_mlp_dim, tw, f"{dec}/mlp/fc2", i)
+        norm("text_decoder.ln_final", tw, "decoder/ln_final")
+        add("text_decoder.text_projection", (tw, cfg.vocab_size), "decoder/lm_head/kernel")
+        add((), (), "decoder/lm_head/bias", lambda: np.zeros(cfg.vocab_size, np.float32))
+    add("logit_scale", (), "logit_scale")
+    return rules
+
+
+def _normalise_names(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Drops a DDP 'module.' prefix (open_clip training checkpoints)."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module.") :]: v for k, v in state.items()}
+    return dict(state)
+
+
+def convert_state_dict(
+    state: Mapping[str, np.ndarray], cfg: ModelConfig, progress: bool = False
+) -> dict[str, Any]:
+    """open_clip tensors (name -> float array) -> mmjax params (nested dict of np.float32).
+
+    Raises ConversionError listing missing / unexpected tensors, or the first wrong shape.
+    """
+    state = _normalise_names(state)
+    text_prefix = "text." if any(k.startswith("text.") for k in state) else ""
+    rules = _rules(cfg, text_prefix)
+    expected: dict[str, tuple[int, ...]] = {}
+    for rule in rules:
+        expected.update(zip(rule.sources, rule.shapes))
+    optional = {"logit_bias"}
+    ignored = {k for k in state if k.rsplit(".", 1)[-1] in _IGNORED} | (optional & set(state))
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected) - ignored)
+    if missing or extra:
+        parts = [f"missing tensors {missing}" if missing else "", f"unexpected tensors {extra}"]
+        raise ConversionError("checkpoint does not match the config: " + "; ".join(
+            x for x in parts if x and not x.endswith("[]")))  # fmt: skip
+    for name, shape in expected.items():
+        found = tuple(np.shape(state[name]))
+        if found != tuple(shape):
+            raise ConversionError(f"tensor {name}: expected shape {tuple(shape)}, found {found}")
+    from tqdm import tqdm
+
+    stacks: dict[tuple[str, ...], dict[int, np.ndarray]] = {}
+    flat: dict[tuple[str, ...], np.ndarray] = {}
+    for rule in tqdm(rules, desc="convert", unit="tensor", disable=not progress):
+        value = np.asarray(rule.fn(*(np.asarray(state[s], np.float32) for s in rule.sources)))
+        if rule.layer is None:
+            flat[rule.target] = value.astype(np.float32)
+        else:
+            stacks.setdefault(rule.target, {})[rule.layer] = value.astype(np.float32)
+    for target, layers in stacks.items():
+        flat[target] = np.stack([layers[i] for i in sorted(layers)])
+    flat[("logit_bias",)] = np.asarray(state.get("logit_bias", np.zeros(())), np.float32).reshape(
+        ()
+    )
+    params: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return params
+
+
+def check_against_model(params: Mapping[str, Any], cfg: ModelConfig) -> None:
+    """Raises ConversionError when `params` do not fit the mmjax model of `cfg`."""
+    import flax.linen as nn
+    import jax
+
+    model = CoCa(cfg)
+    abstract = nn.unbox(
+        jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *dummy_batch(model))["params"])
+    )
+    want = {
+        jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(abstract)
+    }
+    got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    if want != got:
+        diff = sorted(set(want.items()) ^ set(got.items()))
+        raise ConversionError(f"converted parameters do not fit the model: {diff[:6]}")
+
+
+def load_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
+    """name -> float32 array from a .safetensors file or a torch state_dict file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        out = {}
+        try:  # torch framework: reads bf16/fp16 too (numpy has no bfloat16).
+            import torch  # noqa: F401
+
+            with safe_open(str(path), framework="pt") as f:
+                for k in f.keys():
+                    out[k] = f.get_tensor(k).float().numpy()
+        except ImportError:
+            with safe_open(str(path), framework="numpy") as f:
+                for k in f.keys():
+                    out[k] = f.get_tensor(k).astype(np.float32)
+        return out
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError(
+            f"{path} is a torch checkpoint: install the extra (pip install -e '.[openclip]')"
+        ) from None
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # Pickle, zip and weights_only refusals alike.
+        raise ConversionError(
+            f"cannot read {path} with torch.load(weights_only=True): {e}"
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ConversionError(f"{path} holds a {type(state).__name__}, not a state_dict")
+    return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "detach")}
+
+
+def default_bpe_vocab() -> Path | None:
+    """open_clip's bundled vocabulary file, if open_clip is installed (not imported)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / BPE_FILE
+    return path if path.is_file() else None
+
+
+def workdir_config(cfg: ModelConfig, bpe_vocab: Path):
+    """configs/coca.py's defaults with this model and the CLIP BPE tokenizer."""
+    import ml_collections
+
+    config = load_config(str(Path(__file__).resolve().parents[2] / "configs" / "coca.py"))
+    model = dataclasses.asdict(cfg)
+    model["image_mean"], model["image_std"] = list(cfg.image_mean), list(cfg.image_std)
+    with config.unlocked():
+        config.model = ml_collections.ConfigDict(model)
+        config.data.tokenizer = str(bpe_vocab.resolve())
+        config.data.tokenizer_type = "clip_bpe"
+        if not cfg.captioning:
+            config.loss.caption_weight = 0.0
+    return config
+
+
+def write_workdir(out: str | Path, params: Mapping[str, Any], cfg: ModelConfig, bpe_vocab: Path):
+    """DIR/config.json and DIR/checkpoints/0 (params only), read by mmjax.inference.predictor and
+    mmjax.train --config.init_from=DIR."""
+    import jax
+
+    out = Path(out)
+    if (out / "checkpoints").exists():
+        raise ConversionError(f"{out}/checkpoints already exists; pick a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(to_json(workdir_config(cfg, bpe_vocab)))
+    checkpointer = Checkpointer(out / "checkpoints", async_save=False)
+    try:
+        state = {"params": jax.tree.map(jax.numpy.asarray, params)}
+        checkpointer.save(0, state, batch_size=0, extra_meta={"converted_from": "open_clip"},
+                          force=True)  # fmt: skip
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+
+
+def convert_open_clip(
+    model_config_path: str | Path,
+    checkpoint: str | Path,
+    out: str | Path,
+    bpe_vocab: str | Path | None = None,
+    progress: bool = True,
+) -> ModelConfig:
+    try:
+        oc = json.loads(Path(model_config_path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"cannot read open_clip config {model_config_path}: {e}") from None
+    cfg = model_config(oc)
+    vocab = Path(bpe_vocab) if bpe_vocab else default_bpe_vocab()
+    if vocab is None or not vocab.is_file():
+        raise ConversionError(
+            f"CLIP BPE vocabulary {vocab or BPE_FILE} not found: pass --bpe-vocab PATH"
+        )
+    params = convert_state_dict(load_checkpoint(checkpoint), cfg, progress=progress)
+    check_against_model(params, cfg)
+    write_workdir(out, params, cfg, vocab)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.ArgumentParser(prog="python -m mmjax.interop.open_clip")
+    sub = parser.add_subparsers(dest="source", required=True)
+    oc = sub.add_parser("open_clip", help="an open_clip CLIP or CoCa checkpoint")
+    oc.add_argument("--model-config", required=True, help="open_clip model config JSON")
+    oc.add_argument("--checkpoint", required=True, help=".safetensors or torch state_dict")
+    oc.add_argument("--out", required=True, help="directory to create")
+    oc.add_argument("--bpe-vocab", default=None, help=f"CLIP's {BPE_FILE} (default: open_clip's)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = convert_open_clip(args.model_config, args.checkpoint, args.out, args.bpe_vocab)
+    except (ConversionError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    kind = "CoCa" if cfg.captioning else "CLIP"
+    print(f"wrote {args.out}: {kind}, image {cfg.image_size}px, context {cfg.context_length}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

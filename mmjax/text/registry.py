@@ -1,0 +1,20 @@
+"""Tokenizers chosen by name (data.tokenizer_type)."""
+
+from __future__ import annotations
+
+import os
+
+from mmjax.text.clip_bpe import ClipBpeTokenizer
+from mmjax.text.sentencepiece import Tokenizer
+from mmjax.text.tokenizer import TextTokenizer
+
+# clip_bpe: the tokenizer of converted open_clip models (mmjax.interop.open_clip).
+TOKENIZERS = {"sentencepiece": Tokenizer.load, "clip_bpe": ClipBpeTokenizer.load}
+TOKENIZER_TYPES = tuple(TOKENIZERS)
+
+
+def load_tokenizer(path: str | os.PathLike, kind: str = "sentencepiece") -> TextTokenizer:
+    """The tokenizer of data.tokenizer_type `kind` at `path` (same interface either way)."""
+    if kind not in TOKENIZERS:
+        raise ValueError(f"data.tokenizer_type={kind!r} is unknown; allowed: {TOKENIZER_TYPES}")
+    return TOKENIZERS[kind](path)

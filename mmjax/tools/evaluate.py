@@ -1,0 +1,102 @@
+"""Evaluate a trained run: every evaluator of its config (mmjax.evals.suite), or some.
+
+  python -m mmjax.evaluate --workdir DIR [--step N] [--only default,zeroshot]
+      [--config.evals.NAME.type=zeroshot --config.evals.NAME.classes=FILE ...]
+
+restores the latest (or the given) checkpoint of DIR, runs the default evaluation
+(retrieval + greedy captions on data.eval, keys eval/...) and the named evaluators of
+config.evals (keys eval/NAME/...), and writes DIR/eval.json. Evaluators can be added or
+changed on the command line. Eval batches are sharded over the mesh like training batches;
+padding rows are dropped, so every example counts once on any number of devices or processes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+
+from mmjax.data.stats import DataError
+from mmjax.evals.suite import EvalSuite
+from mmjax.runtime import cli, distributed, paths
+from mmjax.runtime.checkpoint import CheckpointError, read_params
+from mmjax.runtime.config import ConfigError, apply_override, from_json_file, split_config_flags
+from mmjax.training.setup import build_run, existing_tokenizer
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rest, overrides = split_config_flags(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    parser = cli.ArgumentParser(prog="python -m mmjax.evaluate")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument(
+        "--only", default="", help="comma-separated evaluators to run ('default' or names)"
+    )
+    args = parser.parse_args(rest)
+    try:  # Before anything touches the devices.
+        distributed.initialize()
+    except distributed.DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        workdir = paths.run_dir(args.workdir)
+    except paths.PathError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    config = from_json_file(workdir / "config.json")
+    try:
+        for item in overrides:
+            key, _, value = item.partition("=")
+            apply_override(config, key, value)
+        with config.unlocked():  # config.json already holds the model init_from gave it.
+            config.init_from = ""
+        # The training run's mesh, rules and model; only the eval sources are opened.
+        run = build_run(config)
+        tokenizer = existing_tokenizer(config, workdir, run.model_cfg)
+        suite = EvalSuite(config, run.model, run.mesh, run.rules, tokenizer, workdir=workdir)
+        # Parameters only: also reads directories without optimizer state
+        # (mmjax.interop.open_clip's output).
+        step, params = read_params(
+            workdir / "checkpoints",
+            run.abstract_params,
+            args.step,
+            warn=lambda m: print(f"[mmjax] {m}"),
+        )
+    except (ConfigError, FileNotFoundError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:  # An eval source with no usable sample.
+        print(f"error: {e}", file=sys.stderr)
+        return 4
+    only = [name for name in args.only.split(",") if name] or None
+    unknown = sorted(set(only or ()) - {"default", *suite.named})
+    if unknown:
+        print(
+            f"error: --only {unknown}: no such evaluator; this config has "
+            f"{['default', *suite.named]}",
+            file=sys.stderr,
+        )
+        return 2
+    metrics = suite.run(params, step, everything=True, only=only)
+    metrics["step"] = step
+    if jax.process_index() == 0:
+        (workdir / "eval.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        for key, value in sorted(metrics.items()):
+            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+        for ref, hyp in suite.default.last_samples[:5]:
+            print(f"  reference: {ref!r}\n  generated: {hyp!r}")
+        print(f"wrote {workdir / 'eval.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    from mmjax.runtime.host_memory import tune_host_memory
+
+    tune_host_memory()
+    sys.exit(main())

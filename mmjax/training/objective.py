@@ -1,0 +1,128 @@
+"""The training objective: the weighted CoCa loss and its gradients, with micro-batching.
+
+Contrastive (softmax or sigmoid, sharded over the batch axes) plus captioning (next-token cross
+entropy over the caption's real tokens), weighted by loss.contrastive_weight / caption_weight.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mmjax.models.coca import CoCa
+from mmjax.text.tokenizer import PAD_ID
+from mmjax.training.losses import caption_loss
+from mmjax.training.sharded_losses import sharded_contrastive_loss
+
+
+def loss_and_grads(
+    params,
+    batch: dict[str, jax.Array],
+    *,
+    model: CoCa,
+    loss_config: ml_collections.ConfigDict,
+    microbatches: int = 1,
+    batch_axes: tuple[str, ...] = (),
+) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+    """(loss, aux metrics, gradients) of the weighted CoCa loss on a global batch.
+
+    With `microbatches` > 1 the batch is processed in that many slices, holding
+    the activations of one slice at a time, and the result equals the one-batch
+    computation: the embeddings of the whole batch are computed first (no
+    gradient, as open_clip's accumulation does), then each slice is recomputed
+    with gradient and its fresh embeddings replace their cached copies, so every
+    slice's contrastive loss sees all the batch's negatives. The caption loss is
+    a sum over tokens divided by the whole batch's token count.
+
+    `batch_axes`: the mesh axes the batch is split over (under the current mesh).
+    The contrastive loss then runs sharded (mmjax.training.sharded_losses: a ring for
+    sigmoid, local logits for softmax), never holding B x B logits on a device.
+    """
+    images, tokens = batch["images"], batch["tokens"]
+    caption_weight = loss_config.caption_weight
+    contrastive_weight = loss_config.contrastive_weight
+    with_captioning = caption_weight > 0
+    num_tokens = jnp.maximum(jnp.sum(tokens[:, 1:] != PAD_ID), 1).astype(jnp.float32)
+
+    def weighted_loss(params, images, tokens, embeddings=None):
+        """The loss given the pairs' embeddings (None: this batch's own)."""
+        out = model.apply({"params": params}, images, tokens, with_captioning=with_captioning)
+        image_emb, text_emb, scale, bias = (
+            out["image_emb"],
+            out["text_emb"],
+            out["scale"],
+            out["bias"],
+        )
+        if embeddings is not None:
+            image_emb, text_emb, scale, bias = embeddings(image_emb, text_emb, scale, bias)
+        con = sharded_contrastive_loss(
+            loss_config.contrastive, image_emb, text_emb, scale, bias, batch_axes=batch_axes
+        )
+        if with_captioning:
+            mean, count = caption_loss(out["logits"], tokens[:, 1:], PAD_ID)
+            cap = mean * count.astype(jnp.float32) / num_tokens
+        else:  # CLIP-only ablation: the decoder is not run at all.
+            cap = jnp.zeros((), jnp.float32)
+        loss = contrastive_weight * con + caption_weight * cap
+        return loss, dict(
+            contrastive_loss=con, caption_loss=cap, temperature=1.0 / scale, logit_bias=bias
+        )
+
+    grad_fn = jax.value_and_grad(weighted_loss, has_aux=True)
+    if microbatches == 1:
+        (loss, aux), grads = grad_fn(params, images, tokens)
+        return loss, aux, grads
+
+    batch_size = images.shape[0]
+    if batch_size % microbatches:
+        raise ValueError(f"batch {batch_size} is not divisible by {microbatches} micro-batches")
+
+    def split(x):
+        # Slice m is rows m, m+M, m+2M, ...: every device keeps an equal share of
+        # every slice (the batch dim is sharded in contiguous blocks).
+        return x.reshape(batch_size // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
+
+    def merge(x):  # [M, B/M, ...] -> [B, ...] in the original row order.
+        return x.swapaxes(0, 1).reshape(batch_size, *x.shape[2:])
+
+    def embed(slice_):
+        slice_images, slice_tokens = slice_
+        image_emb, _ = model.apply({"params": params}, slice_images, method=CoCa.encode_image)
+        text_emb, _ = model.apply({"params": params}, slice_tokens, method=CoCa.encode_text)
+        return image_emb, text_emb
+
+    slices = (split(images), split(tokens))
+    cached_images, cached_texts = jax.lax.stop_gradient(jax.lax.map(embed, slices))
+
+    def accumulate(grads, xs):
+        m, slice_images, slice_tokens = xs
+
+        def embeddings(image_emb, text_emb, scale, bias):
+            # The temperature and bias enter every slice's loss: only slice 0
+            # passes their gradient, so it is counted once.
+            first = m == 0
+            scale = jnp.where(first, scale, jax.lax.stop_gradient(scale))
+            bias = jnp.where(first, bias, jax.lax.stop_gradient(bias))
+            image_all = merge(cached_images.at[m].set(image_emb.astype(cached_images.dtype)))
+            text_all = merge(cached_texts.at[m].set(text_emb.astype(cached_texts.dtype)))
+            return image_all, text_all, scale, bias
+
+        (loss, aux), slice_grads = grad_fn(params, slice_images, slice_tokens, embeddings)
+        grads = jax.tree.map(jnp.add, grads, slice_grads)
+        return grads, (loss, aux)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, (losses, auxes) = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), *slices))
+    # Every slice saw the same contrastive loss; caption losses are shares of the total.
+    con = auxes["contrastive_loss"][0]
+    cap = jnp.sum(auxes["caption_loss"])
+    aux = dict(
+        contrastive_loss=con,
+        caption_loss=cap,
+        temperature=auxes["temperature"][0],
+        logit_bias=auxes["logit_bias"][0],
+    )
+    return contrastive_weight * con + caption_weight * cap, aux, grads
