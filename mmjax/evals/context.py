@@ -22,9 +22,10 @@ from mmjax.data.pipeline import eval_batches, require_usable
 from mmjax.data.preprocess import ImageOptions
 from mmjax.data.sources import make_source
 from mmjax.data.stats import DataStats
-from mmjax.inference.generate import GenerateOptions, make_generate_fn
+from mmjax.inference.functions import InferenceFunctions
+from mmjax.inference.generate import GenerateOptions
 from mmjax.models.coca import CoCa
-from mmjax.models.video import input_frames, input_shape
+from mmjax.models.video import input_frames
 from mmjax.runtime import sharding as shd
 from mmjax.runtime.config import ConfigError
 from mmjax.text.tokenizer import TextTokenizer
@@ -81,29 +82,12 @@ class EvalContext:
             max_pixels=config.data.max_image_pixels,
             frames=input_frames(model.cfg),
         )
-        rows = lambda ndim: shd.batch_sharding(mesh, rules, ndim)
-        # Images [B, S, S, 3] or clips [B, T, S, S, 3]: rows over the batch axes either way.
-        self.image_rows = rows(1 + len(input_shape(model.cfg)))
-        everywhere = shd.replicated(mesh)
-
-        def embed_images(params, images):
-            return model.apply({"params": params}, images, method=CoCa.encode_image)[0]
-
-        def embed_texts(params, tokens):
-            return model.apply({"params": params}, tokens, method=CoCa.encode_text)[0]
-
-        def scale(params):
-            return model.apply({"params": params}, method=CoCa.contrastive_scale_and_bias)[0]
-
-        # Outputs replicated: every process ends up with the whole eval set.
-        self.embed_images = jax.jit(
-            embed_images, in_shardings=(None, self.image_rows), out_shardings=everywhere
-        )
-        self.embed_texts = jax.jit(
-            embed_texts, in_shardings=(None, rows(2)), out_shardings=everywhere
-        )
-        self.logit_scale = jax.jit(scale, out_shardings=everywhere)
-        self._captioners: dict[GenerateOptions, Any] = {}
+        # The inference stack Predictor uses too; parameters come with the call.
+        self.functions = InferenceFunctions(model, mesh, rules)
+        self.image_rows = self.functions.image_rows
+        self.embed_images = self.functions.embed_images
+        self.embed_texts = self.functions.embed_texts
+        self.logit_scale = self.functions.logit_scale
 
     def source(self, spec: str, where: str, *, split: str = "eval"):
         """The source a spec names; a bad spec is a ConfigError naming `where`."""
@@ -123,18 +107,7 @@ class EvalContext:
 
     def captioner(self, options: GenerateOptions):
         """A jitted (params, images, rng) -> tokens [B, L] for these generation options."""
-        if options not in self._captioners:
-            tok = self.tokenizer
-            self._captioners[options] = make_generate_fn(
-                self.model,
-                bos_id=tok.bos_id,
-                eos_id=tok.eos_id,
-                pad_id=tok.pad_id,
-                options=options,
-                in_shardings=(None, self.image_rows, None),
-                out_shardings=shd.replicated(self.mesh),
-            )
-        return self._captioners[options]
+        return self.functions.captioner(options, self.tokenizer)
 
     def to_global(self, local: np.ndarray) -> jax.Array:
         sharding = shd.batch_sharding(self.mesh, self.rules, local.ndim)

@@ -42,11 +42,12 @@ from mmjax.data.clips import load_clip, read_frame_folder
 from mmjax.data.csv_source import read_file
 from mmjax.data.preprocess import ImageOptions, load_image
 from mmjax.data.records import BadSample
-from mmjax.inference.generate import GenerateOptions, make_generate_fn, unrolled
+from mmjax.inference.functions import InferenceFunctions
+from mmjax.inference.generate import GenerateOptions, unrolled
 from mmjax.inference.prompts import class_embeddings
 from mmjax.models.coca import CoCa
 from mmjax.models.config import ModelConfig
-from mmjax.models.video import input_frames, input_shape
+from mmjax.models.video import input_frames
 from mmjax.runtime import paths
 from mmjax.runtime import sharding as shd
 from mmjax.runtime.checkpoint import read_params
@@ -246,27 +247,13 @@ class Predictor:
             image_size=model.cfg.image_size, train=False, frames=input_frames(model.cfg)
         )
         self.data_parallel = shd.data_parallel_size(mesh, rules)
-        rows = lambda ndim: shd.batch_sharding(mesh, rules, ndim)
-        # Images [B, S, S, 3], or clips [B, T, S, S, 3] for a video model.
-        self._image_rows, self._text_rows = rows(1 + len(input_shape(model.cfg))), rows(2)
-        self._replicated = shd.replicated(mesh)
-        param_shardings = jax.tree.map(lambda x: x.sharding, params)
-        self._param_shardings = param_shardings
-
-        def encode_image(params, images):
-            return model.apply({"params": params}, images, method=CoCa.encode_image)[0]
-
-        def encode_text(params, tokens):
-            return model.apply({"params": params}, tokens, method=CoCa.encode_text)[0]
-
-        out = self._replicated
-        self._encode_image = jax.jit(
-            encode_image, in_shardings=(param_shardings, self._image_rows), out_shardings=out
+        # The inference stack the evaluators use too, with this predictor's parameters fixed.
+        self.functions = InferenceFunctions(
+            model, mesh, rules, param_shardings=jax.tree.map(lambda x: x.sharding, params)
         )
-        self._encode_text = jax.jit(
-            encode_text, in_shardings=(param_shardings, self._text_rows), out_shardings=out
-        )
-        self._generators: dict[Any, Callable] = {}  # GenerateOptions -> jitted
+        self._image_rows = self.functions.image_rows
+        self._text_rows = self.functions.text_rows
+        self._replicated = self.functions.replicated
 
     @classmethod
     def from_workdir(
@@ -342,8 +329,8 @@ class Predictor:
     @property
     def logit_scale(self) -> float:
         """The learnt contrastive temperature's inverse, capped as in training."""
-        log_scale = min(float(self.params["logit_scale"]), self.model.cfg.max_logit_scale)
-        return math.exp(log_scale)
+        with shd.activate(self.mesh, self.rules):
+            return float(self.functions.logit_scale(self.params))
 
     # --- batching -------------------------------------------------------------------------
 
@@ -385,7 +372,7 @@ class Predictor:
         rows = padded_rows(len(images), batch_size, self.data_parallel)
         for batch in self.image_batches(images, batch_size):
             if batch.positions:
-                emb = self._run(self._encode_image, rows, self._image_rows, batch.images)
+                emb = self._run(self.functions.embed_images, rows, self._image_rows, batch.images)
             else:
                 emb = np.zeros((0, self.embed_dim), np.float32)
             yield batch, emb
@@ -430,25 +417,13 @@ class Predictor:
         tokens = self._tokenizer().encode_batch(list(texts), self.model.cfg.context_length)
         rows = padded_rows(len(tokens), batch_size, self.data_parallel)
         out = [
-            self._run(self._encode_text, rows, self._text_rows, tokens[i : i + batch_size])
+            self._run(self.functions.embed_texts, rows, self._text_rows, tokens[i : i + batch_size])
             for i in range(0, len(tokens), batch_size)
         ]
         return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
 
     def _generator(self, options):
-
-        if options not in self._generators:
-            tok = self._tokenizer()
-            self._generators[options] = make_generate_fn(
-                self.model,
-                bos_id=tok.bos_id,
-                eos_id=tok.eos_id,
-                pad_id=tok.pad_id,
-                options=options,
-                in_shardings=(self._param_shardings, self._image_rows, self._replicated),
-                out_shardings=self._replicated,
-            )
-        return self._generators[options]
+        return self.functions.captioner(options, self._tokenizer())
 
     def caption_batches(
         self, images: Sequence[ImageInput], options=None, seed: int = 0, batch_size: int = 64
