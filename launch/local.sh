@@ -41,7 +41,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 py="$venv/bin/python"
-# The openclip extra (torch, open_clip) for mmjax.convert's tests: open_clip_torch and
+# The openclip extra (torch, open_clip) for mmjax.interop.open_clip's tests: open_clip_torch and
 # torchvision without their dependencies, which would pull a multi-GB CUDA torch.
 openclip_pins="open_clip_torch==3.3.0 torchvision==0.28.0 transformers==4.46.3"
 openclip_stamp="$venv/.mmjax-openclip"
@@ -64,9 +64,9 @@ case "$mode" in
     ;;
   train)
     workdir="${WORKDIR:-runs/coca_tiny}"
-    "$py" -m mmjax.train --config configs/coca.py:size=tiny --workdir "$workdir" "$@"
-    "$py" -m mmjax.evaluate --workdir "$workdir"
-    "$py" -m mmjax.plot --workdir "$workdir"
+    "$py" -m mmjax train --config configs/coca.py:size=tiny --workdir "$workdir" "$@"
+    "$py" -m mmjax evaluate --workdir "$workdir"
+    "$py" -m mmjax plot --workdir "$workdir"
     echo
     echo "Results:"
     echo "  metrics (one JSON per line): $workdir/metrics.jsonl"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run a multi-process JAX job on this machine: N copies of a command that find each other
-# through mmjax.distributed (a local stand-in for N hosts; CPU devices only).
+# through mmjax.runtime.distributed (a local stand-in for N hosts; CPU devices only).
 #
 #   bash launch/multiprocess.sh [--dry-run] N [DEVICES_PER_PROCESS] -- CMD [ARGS...]
 #

@@ -24,7 +24,7 @@
 # Steps: describe-or-create the VM; ship the code; on every worker create ~/mmjax/.venv
 # with Python 3.11 (from apt when missing) and pip install -e . 'jax[tpu]'; then run
 # `python -m mmjax.train TRAIN_ARGS` on all workers at once (gcloud ssh --worker=all) with
-# MMJAX_DISTRIBUTED=tpu, so mmjax.distributed lets JAX find the pod's hosts itself.
+# MMJAX_DISTRIBUTED=tpu, so mmjax.runtime.distributed lets JAX find the pod's hosts itself.
 # Each worker reads its own rows of every batch; process 0 writes metrics. --workdir must
 # be a filesystem all workers share (NFS/Filestore, a gcsfuse mount): checkpoints are
 # written by every worker and read back by all of them.
