@@ -10,6 +10,7 @@ training depends on no evaluation or inference code.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -78,6 +79,23 @@ def _finite_mean(values: list[float]) -> float:
     """Mean over the finite values (skipped NaN steps must not poison a log window)."""
     finite = [v for v in values if math.isfinite(v)]
     return float(np.mean(finite)) if finite else float("nan")
+
+
+@dataclasses.dataclass
+class _Loop:
+    """What the step loop carries from step to step."""
+
+    writer: MetricWriter
+    bar: Any  # tqdm
+    flops_per_step: float
+    peak: float
+    last_read: int  # The last step whose metrics were read.
+    window: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    window_start: float = dataclasses.field(default_factory=time.perf_counter)
+    window_steps: int = 0
+    pending: tuple | None = None  # (step, device metrics, device data counts), read a step late.
+    warned: set[str] = dataclasses.field(default_factory=set)
+    last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class Trainer:
@@ -213,6 +231,45 @@ class Trainer:
             return self._fit(stop)
 
     def _fit(self, stop: StopRequests) -> dict[str, float]:
+        start_step, resumed = self._start()
+        step_fn, flops_per_step, peak = self._compile()
+        batches = self._train_batches(start_step)
+        writer = MetricWriter(
+            self.workdir, enabled=self.is_chief, resume_step=start_step if resumed else None
+        )
+        # In logs (no terminal) redraw rarely instead of filling them with bars.
+        bar = tqdm(
+            total=self.config.total_steps,
+            initial=start_step,
+            disable=not self.is_chief,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 30,
+        )
+        loop = _Loop(writer, bar, flops_per_step, peak, last_read=start_step)
+        try:
+            self._step_loop(step_fn, batches, stop, loop)
+        except DataError:
+            if loop.window:  # The steps trained up to the one whose counters stopped the run.
+                self._write_window(loop, loop.last_read)
+            self.checkpointer.wait()  # Let saves of earlier, good states complete.
+            raise
+        except TrainingDiverged:
+            self.checkpointer.wait()
+            raise
+        finally:
+            bar.close()
+            writer.close()
+            batches.close()  # grain's workers exit now, not at interpreter shutdown.
+        self.checkpointer.wait()  # Still under the stop handlers: a second signal waits too.
+        self._log("data: " + self.data_stats.summary())
+        return loop.last_eval
+
+    # --- start-up ---------------------------------------------------------------------------
+
+    def _start(self) -> tuple[int, bool]:
+        """Claims the workdir and restores (or creates) the state: (start step, resumed)."""
         cfg = self.config
         self.workdir.mkdir(parents=True, exist_ok=True)
         # Workdir lock, config vs config.json on resume, runs.jsonl: mmjax/runtime/run_record.py.
@@ -224,8 +281,8 @@ class Trainer:
         # Tmp directories of saves a killed run never committed (safe under the workdir lock).
         for name in self.checkpointer.remove_incomplete():
             self._log(f"removed the unfinished save {self.checkpointer.directory}/{name}")
-        latest = self.checkpointer.latest_step()
-        if latest is not None:
+        resumed = self.checkpointer.latest_step() is not None
+        if resumed:
             latest = self.restore()
             for bad in self.skipped_checkpoints:  # Out of the way: this run saves them again.
                 moved = self.checkpointer.set_aside(bad)
@@ -235,15 +292,17 @@ class Trainer:
             self.state = self.run.create_state()
             if cfg.get("init_from", ""):
                 self.state = self._init_from(cfg.init_from)
-        start_step = int(jax.device_get(self.state.step))
+        return int(jax.device_get(self.state.step)), resumed
 
+    def _compile(self):
+        """(compiled step, model FLOPs per step, peak FLOP/s of a device), logged."""
+        cfg = self.config
         t0 = time.perf_counter()
         step_fn = self.compile_step()
         compile_seconds = time.perf_counter() - t0
         distributed.align_processes("compiled")  # First step's collectives start together.
-        with_captioning = cfg.loss.caption_weight > 0
         flops_per_step = train_flops_per_step(
-            self.model_cfg, cfg.batch_size, with_captioning=with_captioning
+            self.model_cfg, cfg.batch_size, with_captioning=cfg.loss.caption_weight > 0
         )
         peak, peak_source = peak_flops(self.model_cfg.dtype)
         self._log(
@@ -251,8 +310,11 @@ class Trainer:
             f"devices; compiled in {compile_seconds:.1f}s; {flops_per_step / 1e9:.2f} GFLOP/step; "
             f"peak {peak / 1e9:.1f} GFLOP/s ({peak_source})"
         )
+        return step_fn, flops_per_step, peak
 
-        batches = train_batches(
+    def _train_batches(self, start_step: int):
+        cfg = self.config
+        return train_batches(
             self.train_sources,
             self.tokenizer,
             weights=self.train_weights,
@@ -267,135 +329,112 @@ class Trainer:
             num_threads=cfg.data.num_threads,
             prefetch=cfg.data.prefetch,
         )
-        writer = MetricWriter(
-            self.workdir,
-            enabled=self.is_chief,
-            resume_step=start_step if latest is not None else None,
-        )
-        # In logs (no terminal) redraw rarely instead of filling them with bars.
-        bar = tqdm(
-            total=cfg.total_steps,
-            initial=start_step,
-            disable=not self.is_chief,
-            desc="train",
-            unit="step",
-            dynamic_ncols=True,
-            mininterval=0.5 if sys.stderr.isatty() else 30,
-        )
-        window: list[dict[str, float]] = []
-        pending = None  # (step, device metrics, device data counts), read one step late.
-        window_start, window_steps = time.perf_counter(), 0
-        last_eval: dict[str, float] = {}
 
-        def read_pending():
-            """Appends the pending step's metrics to the window; checks its loss (NaN) and
-            the data counters (too many bad samples), raising to stop the run."""
-            nonlocal pending, last_read
-            step, metrics, counts = pending
-            pending, last_read = None, step
-            window.append(self._checked(step, metrics))
-            self.data_stats.add(np.asarray(jax.device_get(counts)))
-            for warning in self.data_stats.check(
-                cfg.data.max_skip_fraction, cfg.data.min_samples_for_skip_check
-            ):
-                source = warning.split(":", 1)[0]
-                if source not in warned:  # Loud once per source; metrics.jsonl keeps it.
-                    warned.add(source)
-                    self._log(f"WARNING: {warning}")
+    # --- the step loop ----------------------------------------------------------------------
 
-        def write_window(step):
-            nonlocal window
-            elapsed = time.perf_counter() - window_start
-            summary = {k: _finite_mean([m[k] for m in window]) for k in window[0]}
-            if cfg.train.on_nan == "skip":
-                summary["nan_skipped_steps"] = float(self.nan_skipped_steps)
-            summary["examples_per_sec"] = window_steps * cfg.batch_size / elapsed
-            summary["step_seconds"] = elapsed / window_steps
-            summary["mfu"] = flops_per_step * window_steps / elapsed / peak
-            summary.update(self.data_stats.metrics())
-            over = self.data_stats.over_limit(cfg.data.max_skip_fraction)
-            if over:  # Below min_samples_for_skip_check (above it the run has stopped).
-                summary["data/over_skip_fraction"] = max(bad / seen for _, bad, seen, _ in over)
-            writer.write(step, summary)
-            bar.set_postfix(
-                loss=f"{summary['loss']:.3f}",
-                ex_s=f"{summary['examples_per_sec']:.0f}",
-                mfu=f"{summary['mfu']:.2f}",
-            )
-            window = []
-
-        warned: set[str] = set()
-        last_read = start_step
-        end = cfg.total_steps
+    def _step_loop(self, step_fn, batches, stop: StopRequests, loop: _Loop) -> None:
+        cfg = self.config
+        start_step, end = loop.last_read, cfg.total_steps
         if start_step < end and stop.should_stop(start_step):  # Signalled while starting up.
             self.preempted_at = end = start_step
-        try:
-            for step in range(start_step + 1, end + 1):
-                batch = next(batches)
-                counts = self._sum_counts(self._to_global(batch.pop("counts")))
-                batch = self._to_device(batch)
-                self.state, metrics = step_fn(self.state, batch)
-                if pending is not None:  # Reading the previous step keeps the device queue full.
-                    read_pending()
-                pending = (step, metrics, counts)
-                window_steps += 1
-                bar.update(1)
-                stopping = stop.should_stop(step) and step < cfg.total_steps
-                boundary = step == cfg.total_steps or stopping
-                do_log = step % cfg.log_every == 0 or boundary
-                do_ckpt = step % cfg.checkpoint_every == 0 or boundary
-                # A preempted run saves first and skips the evaluation (its grace time is short).
-                do_eval = (
-                    self.evaluator is not None
-                    and (self.evaluator.due(step) or boundary)
-                    and not stopping
+        for step in range(start_step + 1, end + 1):
+            batch = next(batches)
+            counts = self._sum_counts(self._to_global(batch.pop("counts")))
+            self.state, metrics = step_fn(self.state, self._to_device(batch))
+            if loop.pending is not None:  # Reading the previous step keeps the device queue full.
+                self._read_pending(loop)
+            loop.pending = (step, metrics, counts)
+            loop.window_steps += 1
+            loop.bar.update(1)
+            stopping = stop.should_stop(step) and step < cfg.total_steps
+            boundary = step == cfg.total_steps or stopping
+            do_log = step % cfg.log_every == 0 or boundary
+            do_ckpt = step % cfg.checkpoint_every == 0 or boundary
+            # A preempted run saves first and skips the evaluation (its grace time is short).
+            do_eval = (
+                self.evaluator is not None
+                and (self.evaluator.due(step) or boundary)
+                and not stopping
+            )
+            if not (do_log or do_ckpt or do_eval):
+                continue
+            self._read_pending(loop)  # Never save a state whose loss is NaN.
+            if do_log:
+                self._write_window(loop, step)
+            if do_ckpt:
+                self._save(step)
+            if do_eval:
+                self._evaluate(loop, step, everything=boundary)
+            loop.window_start, loop.window_steps = time.perf_counter(), 0  # Exclude eval/ckpt.
+            if stopping:
+                self.preempted_at = step
+                break
+
+    # --- what a step boundary does: read, log, checkpoint, evaluate --------------------------
+
+    def _read_pending(self, loop: _Loop) -> None:
+        """Appends the pending step's metrics to the window; checks its loss (NaN) and the
+        data counters (too many bad samples), raising to stop the run."""
+        cfg = self.config
+        step, metrics, counts = loop.pending
+        loop.pending, loop.last_read = None, step
+        loop.window.append(self._checked(step, metrics))
+        self.data_stats.add(np.asarray(jax.device_get(counts)))
+        for warning in self.data_stats.check(
+            cfg.data.max_skip_fraction, cfg.data.min_samples_for_skip_check
+        ):
+            source = warning.split(":", 1)[0]
+            if source not in loop.warned:  # Loud once per source; metrics.jsonl keeps it.
+                loop.warned.add(source)
+                self._log(f"WARNING: {warning}")
+
+    def _write_window(self, loop: _Loop, step: int) -> None:
+        cfg = self.config
+        elapsed = time.perf_counter() - loop.window_start
+        window, steps = loop.window, loop.window_steps
+        summary = {k: _finite_mean([m[k] for m in window]) for k in window[0]}
+        if cfg.train.on_nan == "skip":
+            summary["nan_skipped_steps"] = float(self.nan_skipped_steps)
+        summary["examples_per_sec"] = steps * cfg.batch_size / elapsed
+        summary["step_seconds"] = elapsed / steps
+        summary["mfu"] = loop.flops_per_step * steps / elapsed / loop.peak
+        summary.update(self.data_stats.metrics())
+        over = self.data_stats.over_limit(cfg.data.max_skip_fraction)
+        if over:  # Below min_samples_for_skip_check (above it the run has stopped).
+            summary["data/over_skip_fraction"] = max(bad / seen for _, bad, seen, _ in over)
+        loop.writer.write(step, summary)
+        loop.bar.set_postfix(
+            loss=f"{summary['loss']:.3f}",
+            ex_s=f"{summary['examples_per_sec']:.0f}",
+            mfu=f"{summary['mfu']:.2f}",
+        )
+        loop.window = []
+
+    def _save(self, step: int) -> None:
+        self.checkpointer.save(
+            step,
+            self.state,
+            batch_size=self.config.batch_size,
+            extra_meta={
+                "data_counts": self.data_stats.to_json(),
+                "nan_skipped_steps": self.nan_skipped_steps,
+            },
+        )
+
+    def _evaluate(self, loop: _Loop, step: int, *, everything: bool) -> None:
+        loop.last_eval = self.evaluator.run(self.state.params, step, everything=everything)
+        loop.writer.write(step, loop.last_eval)
+        if self.is_chief:  # A disabled bar still writes.
+            loop.bar.write(
+                f"step {step}: "
+                + ", ".join(
+                    f"{k[5:]}={v:.3f}"
+                    for k, v in loop.last_eval.items()
+                    if k in HEADLINE_EVAL_KEYS or k.endswith(HEADLINE_EVAL_SUFFIXES)
                 )
-                if not (do_log or do_ckpt or do_eval):
-                    continue
-                read_pending()  # Never save a state whose loss is NaN.
-                if do_log:
-                    write_window(step)
-                if do_ckpt:
-                    self.checkpointer.save(
-                        step,
-                        self.state,
-                        batch_size=cfg.batch_size,
-                        extra_meta={
-                            "data_counts": self.data_stats.to_json(),
-                            "nan_skipped_steps": self.nan_skipped_steps,
-                        },
-                    )
-                if do_eval:
-                    last_eval = self.evaluator.run(self.state.params, step, everything=boundary)
-                    writer.write(step, last_eval)
-                    if self.is_chief:  # A disabled bar still writes.
-                        bar.write(
-                            f"step {step}: "
-                            + ", ".join(
-                                f"{k[5:]}={v:.3f}"
-                                for k, v in last_eval.items()
-                                if k in HEADLINE_EVAL_KEYS or k.endswith(HEADLINE_EVAL_SUFFIXES)
-                            )
-                        )
-                window_start, window_steps = time.perf_counter(), 0  # Exclude eval/ckpt time.
-                if stopping:
-                    self.preempted_at = step
-                    break
-        except DataError:
-            if window:  # The steps trained up to the one whose counters stopped the run.
-                write_window(last_read)
-            self.checkpointer.wait()  # Let saves of earlier, good states complete.
-            raise
-        except TrainingDiverged:
-            self.checkpointer.wait()
-            raise
-        finally:
-            bar.close()
-            writer.close()
-            batches.close()  # grain's workers exit now, not at interpreter shutdown.
-        self.checkpointer.wait()  # Still under the stop handlers: a second signal waits too.
-        self._log("data: " + self.data_stats.summary())
-        return last_eval
+            )
+
+    # --- the rest ---------------------------------------------------------------------------
 
     def data_warnings(self) -> list[str]:
         """One line per source whose bad fraction ended over data.max_skip_fraction (a run
