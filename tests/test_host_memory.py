@@ -24,6 +24,43 @@ def test_tunables_wanted_only_where_they_apply():
     assert hm.missing_tunables({hm.ENV: "0"}, "madvise", GLIBC) == []
 
 
+def test_only_hosts_whose_cpu_runs_the_steps_are_tuned():
+    none = lambda pattern: []
+    tpu_vm = lambda pattern: ["/dev/vfio/0"] if pattern.startswith("/dev/vfio") else []
+    gpu_box = lambda pattern: ["/dev/nvidia0"] if pattern.startswith("/dev/nvidia") else []
+    everything = lambda name: True
+    nothing = lambda name: False
+    assert hm.steps_run_on_cpu({}, none, everything)  # libtpu installed, no TPU attached.
+    assert not hm.steps_run_on_cpu({}, tpu_vm, lambda name: name == "libtpu")
+    assert not hm.steps_run_on_cpu({}, gpu_box, lambda name: name == "jax_cuda12_plugin")
+    assert hm.steps_run_on_cpu({}, gpu_box, nothing)  # A GPU JAX cannot use: CPU steps.
+    assert hm.steps_run_on_cpu({}, gpu_box, lambda name: name == "libtpu")
+    # JAX_PLATFORMS decides when set: its first platform is the one JAX uses.
+    assert hm.steps_run_on_cpu({"JAX_PLATFORMS": "cpu"}, gpu_box, everything)
+    assert not hm.steps_run_on_cpu({"JAX_PLATFORMS": "cuda,cpu"}, none, nothing)
+    assert not hm.steps_run_on_cpu({"JAX_PLATFORMS": "tpu"}, none, nothing)
+
+
+def test_accelerator_hosts_keep_their_own_malloc_and_dispatch():
+    code = (
+        "import os, sys; from mmjax.runtime import host_memory as hm; "
+        "hm.tune_host_memory(); import jax; "
+        "print(os.environ.get('GLIBC_TUNABLES', ''), "
+        "jax.config.values['jax_cpu_enable_async_dispatch'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hm.ENV)}
+    # JAX_PLATFORMS names an accelerator: tune_host_memory must neither restart nor change
+    # the dispatch mode (nothing here starts JAX's backend, so no accelerator is needed).
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(env, JAX_PLATFORMS="tpu"),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert proc.stdout.split() == ["True"], proc.stdout
+
+
 def test_the_users_own_tunables_win_and_nothing_is_added_twice():
     user = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:glibc.malloc.mmap_max=4"}
     assert hm.missing_tunables(user, "madvise", GLIBC) == [hm.TRIM_THRESHOLD]

@@ -21,14 +21,21 @@ glibc reads tunables only at process start, so `python -m mmjax.train` (and benc
 evaluate) re-executes itself once, same pid and arguments, with the missing ones added;
 children inherit them. A tunable the user set keeps the user's value. Nothing happens on
 another libc or with MMJAX_MALLOC_TUNING=0 (then dispatch stays asynchronous too).
+
+All of this is for steps that run on the host's CPU. On a TPU or GPU host (an accelerator's
+device node and JAX's plugin for it are both present, or JAX_PLATFORMS names an accelerator)
+nothing is changed: the host only feeds the devices there, and malloc keeping every freed
+block would only cost the input pipeline memory.
 """
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
 import platform
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 ENV = "MMJAX_MALLOC_TUNING"
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -53,6 +60,38 @@ def glibc_version() -> tuple[int, ...] | None:
     if lib != "glibc" or not version:
         return None
     return tuple(int(part) for part in version.split(".") if part.isdigit())
+
+
+# Accelerator kinds: (device nodes that show one is attached, JAX plugin modules that use it).
+ACCELERATORS = {
+    "tpu": (("/dev/accel[0-9]*", "/dev/vfio/[0-9]*"), ("libtpu",)),
+    "gpu": (("/dev/nvidia[0-9]*",), ("jax_cuda12_plugin", "jax_cuda13_plugin")),
+    "rocm": (("/dev/kfd",), ("jax_rocm60_plugin", "jax_rocm7_plugin")),
+}
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def steps_run_on_cpu(
+    environ: Mapping[str, str],
+    devices: Callable[[str], list[str]] = glob.glob,
+    has_module: Callable[[str], bool] = _has_module,
+) -> bool:
+    """Whether JAX will compute on this host's CPU, decided before JAX starts: JAX_PLATFORMS
+    when set (its first entry is the one JAX prefers), else no accelerator whose device node
+    and JAX plugin are both present."""
+    chosen = [p.strip() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+    if chosen:
+        return chosen[0] == "cpu"
+    for nodes, plugins in ACCELERATORS.values():
+        if any(devices(pattern) for pattern in nodes) and any(map(has_module, plugins)):
+            return False
+    return True
 
 
 def _tunables(environ: Mapping[str, str]) -> dict[str, str]:
@@ -90,10 +129,12 @@ def keeps_freed_memory(environ: Mapping[str, str]) -> bool:
 
 
 def tune_host_memory() -> None:
-    """Re-executes this CLI with the missing tunables (see the module doc), else selects
-    inline CPU dispatch when freed blocks are kept. Call first thing under
-    `if __name__ == "__main__"`, before JAX starts its backend: it never returns when it
-    restarts."""
+    """On a host whose CPU runs the steps: re-executes this CLI with the missing tunables
+    (see the module doc), else selects inline CPU dispatch when freed blocks are kept.
+    Call first thing under `if __name__ == "__main__"`, before JAX starts its backend: it
+    never returns when it restarts."""
+    if not steps_run_on_cpu(os.environ):
+        return
     missing = missing_tunables(os.environ, thp_mode(), glibc_version())
     if missing:
         sys.stdout.flush()
