@@ -18,6 +18,7 @@ from mmjax.evals.default import DefaultEval
 from mmjax.evals.linear_probe import LinearProbeEval
 from mmjax.evals.retrieval import RetrievalEval
 from mmjax.evals.zeroshot import ZeroShotEval
+from mmjax.runtime import log
 from mmjax.runtime.config import ConfigError
 
 TYPES = {
@@ -46,7 +47,7 @@ class EvalSuite:
             for name in [n for n, b in blocks.items() if b["type"] == "captioning"]:
                 del blocks[name]
                 if jax.process_index() == 0:
-                    print(f"[mmjax] evals.{name}: skipped, the model has no decoder")
+                    log.info(f"evals.{name}: skipped, the model has no decoder")
         self.named = {
             name: TYPES[block["type"]](name, block, self.context) for name, block in blocks.items()
         }

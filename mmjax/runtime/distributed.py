@@ -41,6 +41,8 @@ import time
 from collections.abc import Mapping
 from typing import Literal
 
+from mmjax.runtime import log
+
 DEFAULT_SLURM_PORT = 12355
 DEFAULT_TIMEOUT_S = 300.0
 EXPLICIT_VARS = ("MMJAX_COORDINATOR", "MMJAX_NUM_PROCESSES", "MMJAX_PROCESS_ID")
@@ -481,12 +483,12 @@ def initialize(
             initialization_timeout=math.ceil(timeout_s),
         )
     _initialized = info
+    log.set_process(info.process_id)
     if info.process_id == 0:
         where = f"coordinator {info.coordinator}" if info.coordinator else "coordinator auto"
-        print(
-            f"[mmjax] distributed: {info.num_processes} processes ({info.source}, {where}), "
-            f"{jax.device_count()} devices",
-            flush=True,
+        log.info(
+            f"distributed: {info.num_processes} processes ({info.source}, {where}), "
+            f"{jax.device_count()} devices"
         )
     return info
 

@@ -47,6 +47,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from mmjax.runtime import log
 from mmjax.runtime.config import ConfigError, to_json
 
 LOCK_FILE = ".lock"
@@ -430,7 +431,7 @@ def read_records(workdir: str | Path) -> list[dict[str, Any]]:
 
 
 def _log(message: str) -> None:
-    print(f"[mmjax] {message}", flush=True)
+    log.info(message)
 
 
 def start(

@@ -19,7 +19,7 @@ import jax
 
 from mmjax.data.stats import DataError
 from mmjax.evals.suite import EvalSuite
-from mmjax.runtime import cli, distributed, paths
+from mmjax.runtime import cli, distributed, log, paths
 from mmjax.runtime.checkpoint import CheckpointError, read_params
 from mmjax.runtime.config import ConfigError, apply_override, from_json_file, split_config_flags
 from mmjax.training.setup import build_run, existing_tokenizer
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
             workdir / "checkpoints",
             run.abstract_params,
             args.step,
-            warn=lambda m: print(f"[mmjax] {m}"),
+            warn=log.warning,
         )
     except (ConfigError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mmjax.data.stats import DataError
 from mmjax.evals.suite import EvalSuite
-from mmjax.runtime import cli, distributed, paths, run_record
+from mmjax.runtime import cli, distributed, log, paths, run_record
 from mmjax.runtime.checkpoint import CheckpointError
 from mmjax.runtime.config import ConfigError, load_config, split_config_flags
 from mmjax.training.trainer import Trainer, TrainingDiverged
@@ -76,21 +76,20 @@ def main(argv: list[str] | None = None) -> int:
         trainer.close()
     if trainer.is_chief and trainer.preempted_at is not None:
         saved = trainer.checkpointer.directory / str(trainer.preempted_at)
-        print(
-            f"[mmjax] preempted at step {trainer.preempted_at}"
+        log.info(
+            f"preempted at step {trainer.preempted_at}"
             + (f", checkpoint saved in {saved}" if saved.is_dir() else "")
             + f"; to resume, rerun the same command: {cli.invoked_as or 'python -m mmjax.train'} "
-            + shlex.join(argv),
-            flush=True,
+            + shlex.join(argv)
         )
     elif trainer.is_chief:
-        print(
-            f"[mmjax] done: metrics in {Path(args.workdir) / 'metrics.jsonl'}, checkpoints in "
+        log.info(
+            f"done: metrics in {Path(args.workdir) / 'metrics.jsonl'}, checkpoints in "
             f"{Path(args.workdir) / 'checkpoints'}, TensorBoard logs in "
             f"{Path(args.workdir) / 'tensorboard'}"
         )
         for warning in trainer.data_warnings():
-            print(f"[mmjax] {warning}", flush=True)
+            log.warning(warning)
     return 0
 
 

@@ -30,7 +30,7 @@ from mmjax.data.sources import make_source, parse_mixture, read_captions
 from mmjax.data.stats import DataError, DataStats
 from mmjax.models.flops import peak_flops, train_flops_per_step
 from mmjax.models.video import input_frames
-from mmjax.runtime import distributed, paths, run_record
+from mmjax.runtime import distributed, log, paths, run_record
 from mmjax.runtime import sharding as shd
 from mmjax.runtime.checkpoint import Checkpointer, CheckpointError, read_params
 from mmjax.runtime.config import ConfigError, to_json
@@ -483,7 +483,7 @@ class Trainer:
 
     def _log(self, message: str) -> None:
         if self.is_chief:
-            print(f"[mmjax] {message}", flush=True)
+            (log.warning if message.startswith("WARNING") else log.info)(message)
 
     def close(self) -> None:
         self.checkpointer.close()
