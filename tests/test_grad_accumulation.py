@@ -76,7 +76,10 @@ def setup():
     return model, nn.unbox(params["params"]), batch
 
 
-@pytest.mark.parametrize("contrastive,caption_weight", [("softmax", 2.0), ("sigmoid", 0.5)])
+@pytest.mark.parametrize(
+    "contrastive,caption_weight",
+    [pytest.param("softmax", 2.0, marks=pytest.mark.slow), ("sigmoid", 0.5)],
+)
 def test_four_microbatches_match_the_large_batch(setup, contrastive, caption_weight):
     model, params, batch = setup
     config = _loss_config(contrastive, caption_weight)
@@ -138,6 +141,7 @@ def test_remat_changes_what_the_backward_pass_keeps():
     assert temp_bytes("full") < temp_bytes("none")
 
 
+@pytest.mark.slow
 def test_per_tower_remat_gives_the_same_model_gradients(setup):
     model, params, batch = setup
     reference = _grads(model, params, batch, _loss_config())

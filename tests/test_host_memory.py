@@ -143,6 +143,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4)
 """
 
 
+@pytest.mark.slow
 def test_tuned_steps_reuse_their_memory_instead_of_faulting_it_in():
     if not hm.missing_tunables({}, hm.thp_mode(), hm.glibc_version()):
         pytest.skip("this machine's libc has no malloc tunables")

@@ -19,6 +19,7 @@ from tests.runs import STEPS, train_lines
 NEEDS = {"test_skip_run_finishes_and_keeps_the_last_finite_weights": ("nan_skip",)}
 
 
+@pytest.mark.slow
 def test_skip_keeps_params_and_opt_state_on_a_nan_batch():
     config = load_config(
         "configs/coca.py:size=tiny,batch=4", ["optimizer.warmup_steps=0", "train.on_nan=skip"]

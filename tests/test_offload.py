@@ -46,6 +46,7 @@ def _kinds(tree):
     not any(m.kind == HOST_MEMORY for m in jax.devices()[0].addressable_memories()),
     reason="backend without host memory space",
 )
+@pytest.mark.slow
 def test_offloaded_optimizer_state_trains_identically_and_checkpoints(tmp_path):
     runs = {}
     for offload in (False, True):

@@ -321,6 +321,7 @@ def test_converter_errors(tmp_path):
     assert run.stderr.startswith("error: tensor ") and "expected shape" in run.stderr
 
 
+@pytest.mark.slow
 def test_converted_workdir_predicts_and_fine_tunes(tmp_path):
     from mmjax.inference.predictor import Predictor
 
