@@ -384,9 +384,9 @@ def test_caption_cli_bad_images_exit_2(learned, large_images, tmp_path, cache_di
 @pytest.mark.slow
 def test_predictor_batches_pad_and_compile_once(predictor, large_images):
     images = [image for _, image, _ in _held_out(70, lambda a: True)]
-    compiled = predictor._encode_image._cache_size()
+    compiled = predictor.functions.embed_images._cache_size()
     batched = predictor.embed_images(images, batch_size=64)  # 64 + 6 padded to 64.
-    assert predictor._encode_image._cache_size() == compiled + 1
+    assert predictor.functions.embed_images._cache_size() == compiled + 1
     assert batched.shape == (70, predictor.embed_dim) and batched.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
     one_by_one = np.concatenate([predictor.embed_images([image]) for image in images[:5]])
