@@ -52,7 +52,7 @@ from mmjax.runtime import paths
 from mmjax.runtime import sharding as shd
 from mmjax.runtime.checkpoint import read_params
 from mmjax.runtime.config import from_json_file
-from mmjax.text.registry import load_tokenizer
+from mmjax.text.registry import load_tokenizer, tokenizer_path
 from mmjax.text.tokenizer import TextTokenizer
 from mmjax.training.state import dummy_batch
 
@@ -270,10 +270,9 @@ class Predictor:
         config = from_json_file(workdir / "config.json")
         model_cfg = ModelConfig.from_mapping(config.model.to_dict())
         model = CoCa(model_cfg)
-        tokenizer_path = Path(config.data.get("tokenizer", "") or workdir / "tokenizer.model")
         # FileNotFoundError names the path.
         tokenizer = load_tokenizer(
-            tokenizer_path, config.data.get("tokenizer_type", "sentencepiece")
+            tokenizer_path(config.data, workdir), config.data.get("tokenizer_type", "sentencepiece")
         )
         # This process's devices: with several processes, each one runs its own inference.
         devices = jax.local_devices() if devices is None else devices

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from pathlib import Path
 
 from mmjax.text.clip_bpe import ClipBpeTokenizer
 from mmjax.text.sentencepiece import Tokenizer
@@ -18,3 +20,8 @@ def load_tokenizer(path: str | os.PathLike, kind: str = "sentencepiece") -> Text
     if kind not in TOKENIZERS:
         raise ValueError(f"data.tokenizer_type={kind!r} is unknown; allowed: {TOKENIZER_TYPES}")
     return TOKENIZERS[kind](path)
+
+
+def tokenizer_path(data: Mapping, workdir: str | os.PathLike) -> Path:
+    """A run's tokenizer: data.tokenizer, else the one it trained and keeps in its workdir."""
+    return Path(data.get("tokenizer", "") or Path(workdir) / "tokenizer.model")

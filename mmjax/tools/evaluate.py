@@ -54,10 +54,9 @@ def main(argv=None) -> int:
         for item in overrides:
             key, _, value = item.partition("=")
             apply_override(config, key, value)
-        with config.unlocked():  # config.json already holds the model init_from gave it.
-            config.init_from = ""
-        # The training run's mesh, rules and model; only the eval sources are opened.
-        run = build_run(config)
+        # The training run's mesh, rules and model; only the eval sources are opened. Its
+        # config.json already holds the model init_from gave it (that run may be gone).
+        run = build_run(config, adopt_init_from_model=False)
         tokenizer = existing_tokenizer(config, workdir, run.model_cfg)
         suite = EvalSuite(config, run.model, run.mesh, run.rules, tokenizer, workdir=workdir)
         # Parameters only: also reads directories without optimizer state

@@ -20,7 +20,7 @@ from mmjax.models.coca import CoCa
 from mmjax.models.config import ModelConfig
 from mmjax.runtime import sharding as shd
 from mmjax.runtime.config import ConfigError, from_json_file
-from mmjax.text.registry import load_tokenizer
+from mmjax.text.registry import load_tokenizer, tokenizer_path
 from mmjax.text.tokenizer import TextTokenizer
 from mmjax.training.optimizer import make_optimizer
 from mmjax.training.state import TrainState, create_train_state, state_shardings
@@ -108,11 +108,6 @@ def adopt_init_from(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def tokenizer_path(config: ml_collections.ConfigDict, workdir: Path) -> Path:
-    """data.tokenizer, else the one the run trained and keeps in its workdir."""
-    return Path(config.data.get("tokenizer", "") or workdir / "tokenizer.model")
-
-
 def check_vocabulary(tokenizer: TextTokenizer, model_cfg: ModelConfig, path: Path) -> None:
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ConfigError(
@@ -125,7 +120,7 @@ def existing_tokenizer(
     config: ml_collections.ConfigDict, workdir: Path, model_cfg: ModelConfig
 ) -> TextTokenizer:
     """The run's tokenizer, which must exist; FileNotFoundError or ConfigError in one line."""
-    path = tokenizer_path(config, workdir)
+    path = tokenizer_path(config.data, workdir)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer {path} not found (data.tokenizer)")
     try:
@@ -189,13 +184,15 @@ def build_run(
     devices: Sequence[Any] | None = None,
     granule_of: Callable[[Any], int] | None = None,
     granules: tuple[str, int] | None = None,
+    adopt_init_from_model: bool = True,
 ) -> Run:
     """The run `config` describes, on `devices` (default: all); ConfigError in one line.
 
     `granule_of`/`granules` stand in for slices or processes when one process simulates a
-    multi-slice mesh (mmjax dryrun). A config with init_from takes that run's model first.
+    multi-slice mesh (mmjax dryrun). A config with init_from takes that run's model first,
+    unless `adopt_init_from_model` is False (a saved config.json, which holds it already).
     """
-    if config.get("init_from", ""):
+    if adopt_init_from_model and config.get("init_from", ""):
         adopt_init_from(config)
     devices = list(devices) if devices is not None else jax.devices()
     check_devices(config, len(devices), granules)

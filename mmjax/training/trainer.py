@@ -36,6 +36,7 @@ from mmjax.runtime.checkpoint import Checkpointer, CheckpointError, read_params
 from mmjax.runtime.config import ConfigError, to_json
 from mmjax.runtime.metric_writer import MetricWriter
 from mmjax.runtime.preemption import StopRequests
+from mmjax.text.registry import tokenizer_path
 from mmjax.text.sentencepiece import load_or_train_tokenizer
 from mmjax.text.tokenizer import TextTokenizer
 from mmjax.training.setup import (
@@ -43,7 +44,6 @@ from mmjax.training.setup import (
     build_run,
     check_vocabulary,
     existing_tokenizer,
-    tokenizer_path,
 )
 from mmjax.training.state import TrainState, data_seed
 from mmjax.training.step import batch_shardings
@@ -158,7 +158,7 @@ class Trainer:
         if existing or self.config.data.tokenizer:
             return existing_tokenizer(self.config, self.workdir, self.model_cfg)
         # Trained once from the training captions, then cached in the workdir.
-        path = tokenizer_path(self.config, self.workdir)
+        path = tokenizer_path(self.config.data, self.workdir)
         tokenizer = load_or_train_tokenizer(
             path,
             lambda: read_captions(
@@ -249,7 +249,7 @@ class Trainer:
         )
         loop = _Loop(writer, bar, flops_per_step, peak, last_read=start_step)
         try:
-            self._step_loop(step_fn, batches, stop, loop)
+            self._step_loop(step_fn, batches, stop, loop, start_step)
         except DataError:
             if loop.window:  # The steps trained up to the one whose counters stopped the run.
                 self._write_window(loop, loop.last_read)
@@ -332,9 +332,11 @@ class Trainer:
 
     # --- the step loop ----------------------------------------------------------------------
 
-    def _step_loop(self, step_fn, batches, stop: StopRequests, loop: _Loop) -> None:
+    def _step_loop(
+        self, step_fn, batches, stop: StopRequests, loop: _Loop, start_step: int
+    ) -> None:
         cfg = self.config
-        start_step, end = loop.last_read, cfg.total_steps
+        end = cfg.total_steps
         if start_step < end and stop.should_stop(start_step):  # Signalled while starting up.
             self.preempted_at = end = start_step
         for step in range(start_step + 1, end + 1):
