@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 from mmjax.runtime import distributed
-from mmjax.runtime.distributed import DistributedError, DistributedInfo, expand_nodelist, plan
+from mmjax.runtime.distributed import DistributedError, DistributedInfo, plan
 from tests.runs import LOSS_KEYS, STEPS, train_lines
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def free_port() -> int:
 
 def clean_env(**extra: str) -> dict[str, str]:
     """This environment without any multi-process or forced-device settings, plus `extra`."""
-    drop = ("MMJAX_", "SLURM_", "TPU_", "MEGASCALE_", "XLA_FLAGS", "JAX_")
+    drop = ("MMJAX_", "SLURM_", "OMPI_", "TPU_", "MEGASCALE_", "XLA_FLAGS", "JAX_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), **extra)
     return env
@@ -105,73 +105,66 @@ def test_bad_explicit_values_name_the_variable(name, value, expected):
         plan(dict(EXPLICIT, **{name: value}))
 
 
-@pytest.mark.parametrize(
-    "nodelist, hosts",
-    [
-        ("node001", ["node001"]),
-        ("node001,host2", ["node001", "host2"]),
-        (
-            "node[001-004,007],gpu12",
-            ["node001", "node002", "node003", "node004", "node007", "gpu12"],
-        ),
-        ("gpu[8-11]", ["gpu8", "gpu9", "gpu10", "gpu11"]),  # no padding: 8 -> 11
-        ("a[09-10]-ib,b[1]", ["a09-ib", "a10-ib", "b1"]),  # suffix after the brackets
-        ("r[1-2]n[01-02]", ["r1n01", "r1n02", "r2n01", "r2n02"]),  # two groups
-        ("x-1.cluster, y", ["x-1.cluster", "y"]),
-    ],
-)
-def test_slurm_nodelist_expansion(nodelist, hosts):
-    assert expand_nodelist(nodelist) == hosts
+def test_slurm_step_is_left_to_jax_cluster_detection():
+    # JAX reads SLURM_PROCID / SLURM_NTASKS and the step's first host itself.
+    assert plan(SLURM_STEP) == DistributedInfo(-1, -1, None, "slurm", None)
+    with pytest.raises(DistributedError, match="^SLURM_PROCID=4 >= SLURM_NTASKS=4"):
+        plan(dict(SLURM_STEP, SLURM_PROCID="4"))
 
 
-@pytest.mark.parametrize(
-    "nodelist", ["node[001-004", "node]1[", "node[3-1]", "node[a-b]", "node[]", ",", ""]
-)
-def test_bad_slurm_nodelist_is_one_line_error(nodelist):
-    with pytest.raises(DistributedError, match="^SLURM_STEP_NODELIST="):
-        expand_nodelist(nodelist, "SLURM_STEP_NODELIST")
-
-
-def test_slurm_step_environment():
-    info = plan(SLURM_STEP)
-    # The step's node list (not the job's) gives the coordinator; default port 12355.
-    assert info == DistributedInfo(3, 4, "gpu07:12355", "slurm", None)
-    port = plan(dict(SLURM_STEP, MMJAX_COORDINATOR_PORT="4000"))
-    assert port.coordinator == "gpu07:4000"
-    job_list = {k: v for k, v in SLURM_STEP.items() if k != "SLURM_STEP_NODELIST"}
-    assert plan(job_list).coordinator == "gpu07:12355"
-
-
-def test_slurm_one_process_per_gpu_picks_the_local_id():
-    # Several tasks per node (from srun or the job), or asked for: one GPU each.
-    assert plan(dict(SLURM_STEP, SLURM_NTASKS_PER_NODE="2")).local_device_ids == (1,)
-    assert plan(dict(SLURM_STEP, SLURM_STEP_TASKS_PER_NODE="2(x2)")).local_device_ids == (1,)
-    assert plan(dict(SLURM_STEP, MMJAX_ONE_PROCESS_PER_DEVICE="1")).local_device_ids == (1,)
-    # Asked not to, one task per node, or the GPUs already narrowed to one by SLURM.
-    off = dict(SLURM_STEP, SLURM_NTASKS_PER_NODE="2", MMJAX_ONE_PROCESS_PER_DEVICE="0")
-    assert plan(off).local_device_ids is None
-    assert plan(dict(SLURM_STEP, SLURM_NTASKS_PER_NODE="1")).local_device_ids is None
+def test_slurm_gpu_layout():
+    # Several tasks per node (from srun or the job), or asked for: JAX's SLURM_LOCALID pin.
+    assert plan(dict(SLURM_STEP, SLURM_NTASKS_PER_NODE="2")).local_device_ids is None
+    assert plan(dict(SLURM_STEP, SLURM_STEP_TASKS_PER_NODE="2(x2)")).local_device_ids is None
+    assert plan(dict(SLURM_STEP, MMJAX_ONE_PROCESS_PER_DEVICE="1")).local_device_ids is None
+    # One task per node: every GPU of the node, not JAX's GPU SLURM_LOCALID.
+    per_node = dict(SLURM_STEP, SLURM_NTASKS_PER_NODE="1", SLURM_GPUS_ON_NODE="8")
+    assert plan(per_node).local_device_ids == tuple(range(8))
+    visible = dict(SLURM_STEP, MMJAX_ONE_PROCESS_PER_DEVICE="0", CUDA_VISIBLE_DEVICES="4,5,6")
+    assert plan(visible).local_device_ids == (0, 1, 2)
+    assert plan(dict(SLURM_STEP, SLURM_NTASKS_PER_NODE="1")).local_device_ids is None  # CPUs.
+    # srun bound one GPU per task: it is local device 0 whatever SLURM_LOCALID says.
     bound = dict(SLURM_STEP, MMJAX_ONE_PROCESS_PER_DEVICE="1", CUDA_VISIBLE_DEVICES="3")
-    assert plan(bound).local_device_ids is None
+    assert plan(bound).local_device_ids == (0,)
     with pytest.raises(DistributedError, match="^MMJAX_ONE_PROCESS_PER_DEVICE='yes' is invalid"):
         plan(dict(SLURM_STEP, MMJAX_ONE_PROCESS_PER_DEVICE="yes"))
 
 
 def test_slurm_outside_a_step_or_single_task_is_single_process():
     # The batch script itself (no srun step): e.g. a plain evaluation after training.
-    batch_script = {k: v for k, v in SLURM_STEP.items() if k != "SLURM_STEP_ID"}
+    batch_script = {k: v for k, v in SLURM_STEP.items() if k != "SLURM_STEP_NODELIST"}
     assert plan(batch_script).source == "single"
     assert plan(dict(SLURM_STEP, SLURM_NTASKS="1", SLURM_PROCID="0")).source == "single"
-    with pytest.raises(DistributedError, match="^SLURM_PROCID=4 >= SLURM_NTASKS=4"):
-        plan(dict(SLURM_STEP, SLURM_PROCID="4"))
 
 
-def test_tpu_pod_detection():
+def test_open_mpi_and_tpu_pod_detection():
+    assert plan({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "1"}).source == "ompi"
+    assert plan({"OMPI_COMM_WORLD_SIZE": "1"}).source == "single"
     assert plan({"TPU_WORKER_HOSTNAMES": "t1,t2,t3,t4"}).source == "tpu"
     assert plan({"TPU_PROCESS_ADDRESSES": "a:1,b:1"}).source == "tpu"
     assert plan({"MEGASCALE_COORDINATOR_ADDRESS": "t1"}).source == "tpu"
-    assert plan({"MMJAX_DISTRIBUTED": "tpu"}).source == "tpu"
+    assert plan({"MMJAX_DISTRIBUTED": "tpu"}).source == "cluster"
+    assert plan({"MMJAX_DISTRIBUTED": "cluster"}) == DistributedInfo(-1, -1, None, "cluster")
     assert plan({"TPU_WORKER_HOSTNAMES": "t1"}).source == "single"  # A single-host TPU VM.
+
+
+def test_forced_cluster_that_jax_cannot_find_is_one_line(monkeypatch):
+    """MMJAX_DISTRIBUTED=cluster on a machine that is no cluster: JAX's detection finds
+    nothing, and the error says so in one line (no JAX traceback)."""
+    code = (
+        "from mmjax.runtime import distributed\n"
+        "try:\n"
+        "    distributed.initialize()\n"
+        "except distributed.DistributedError as e:\n"
+        "    print('ERR', e)\n"
+    )
+    env = clean_env(MMJAX_DISTRIBUTED="cluster", MMJAX_INIT_TIMEOUT="5")
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith("ERR cluster initialisation failed: JAX detected no cluster"), line
 
 
 def test_mmjax_distributed_switch():
@@ -199,13 +192,13 @@ def test_initialize_single_process_does_nothing_and_is_idempotent(monkeypatch):
 
 def test_plan_cli_prints_the_plan(monkeypatch, capsys):
     for key in list(os.environ):
-        if key.startswith(("MMJAX_", "SLURM_", "TPU_", "MEGASCALE_")):
+        if key.startswith(("MMJAX_", "SLURM_", "OMPI_", "TPU_", "MEGASCALE_")):
             monkeypatch.delenv(key)
     for key, value in {**SLURM_STEP, "MMJAX_INIT_TIMEOUT": "9"}.items():
         monkeypatch.setenv(key, value)
     assert distributed.main() == 0
     assert capsys.readouterr().out.strip() == (
-        "process_id=3, num_processes=4, coordinator=gpu07:12355, source=slurm, "
+        "process_id=-1, num_processes=-1, coordinator=None, source=slurm, "
         "local_device_ids=None, timeout_s=9"
     )
     monkeypatch.setenv("MMJAX_PROCESS_ID", "1")
@@ -555,7 +548,7 @@ def test_slurm_dry_run(no_cloud_tools, mode, tasks, cpus, per_device):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert f"export MMJAX_ONE_PROCESS_PER_DEVICE={per_device}" in lines
-    assert "export MMJAX_COORDINATOR_PORT=24242" in lines  # 20000 + job id mod 20000
+    assert "export JAX_COORDINATOR_PORT=24242" in lines  # 20000 + job id mod 20000
     srun = shlex.split(lines[-1])
     assert srun[:6] == [
         "srun",
@@ -635,7 +628,7 @@ def test_two_processes_join_from_a_slurm_step_environment():
             SLURM_PROCID=str(pid),
             SLURM_LOCALID=str(pid),
             SLURM_STEP_NODELIST="localhost",
-            MMJAX_COORDINATOR_PORT=port,
+            JAX_COORDINATOR_PORT=port,
             MMJAX_INIT_TIMEOUT="60",
         )
         procs.append(
@@ -658,7 +651,7 @@ def test_two_processes_join_from_a_slurm_step_environment():
         result = json.loads(out.strip().splitlines()[-1])
         assert (result["source"], result["pid"], result["count"]) == ("slurm", pid, 2)
         assert result["gathered"] == [0, 1]
-    assert f"(slurm, coordinator localhost:{port}), 2 devices" in outputs[0][0]
+    assert "distributed: 2 processes (slurm, found by JAX), 2 devices" in outputs[0][0]
 
 
 def restored_params(workdir: Path):

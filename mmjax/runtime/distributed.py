@@ -1,30 +1,37 @@
 """Multi-process (multi-host) initialisation, chosen from the environment.
 
-`initialize()` is the first thing `mmjax.train` and `mmjax.evaluate` do. It reads the
+`initialize()` is the first thing `mmjax train` and `mmjax evaluate` do. It reads the
 environment (`plan`), and for a job of more than one process starts JAX's distributed
 runtime. In order of precedence:
 
 - explicit: `MMJAX_COORDINATOR=host:port`, `MMJAX_NUM_PROCESSES=N`, `MMJAX_PROCESS_ID=i`
   (all three or none), as set by `launch/multiprocess.sh` or by hand.
-- SLURM: inside an `srun` step of more than one task. Process id `SLURM_PROCID`, count
-  `SLURM_NTASKS`, coordinator the first host of the step's node list, port
-  `MMJAX_COORDINATOR_PORT` (default 12355). With one process per GPU
-  (`MMJAX_ONE_PROCESS_PER_DEVICE=1`, or more than one task per node) each process takes
-  the GPU `SLURM_LOCALID`; otherwise a process uses all GPUs of its node.
-- TPU pod: a multi-host TPU VM (`TPU_WORKER_HOSTNAMES` or `TPU_PROCESS_ADDRESSES` with
-  more than one host, `MEGASCALE_COORDINATOR_ADDRESS`, or `MMJAX_DISTRIBUTED=tpu`, which
-  `launch/tpu_pod.sh` sets); JAX detects the rest from the TPU metadata.
+- a cluster JAX detects itself (`jax.distributed.initialize`'s cluster detection, which
+  finds the coordinator, the process count and this process's id): an `srun` step of more
+  than one task (SLURM), an Open MPI job of more than one rank, a multi-host TPU VM
+  (`TPU_WORKER_HOSTNAMES` or `TPU_PROCESS_ADDRESSES` with several hosts,
+  `MEGASCALE_COORDINATOR_ADDRESS`), or any environment JAX knows when `MMJAX_DISTRIBUTED=
+  cluster` (`tpu` is the same switch, as `launch/tpu_pod.sh` sets it). JAX's own
+  `JAX_COORDINATOR_PORT` picks the port.
 - otherwise one process, and nothing is started.
+
+What this module adds to JAX's detection:
+- which environments are a multi-process job at all: a SLURM batch script outside `srun`,
+  or a step of one task, stays one process (JAX would wait for peers that never start);
+- SLURM's GPU layout: JAX gives each SLURM task the GPU `SLURM_LOCALID`. That is right for
+  one process per GPU (several tasks per node, or `MMJAX_ONE_PROCESS_PER_DEVICE=1`); with
+  one task per node the process takes every GPU of its node (`SLURM_GPUS_ON_NODE`, or the
+  count in `CUDA_VISIBLE_DEVICES`);
+- the explicit variables, checked first. JAX's own connect aborts the whole process (a
+  C++ fatal error with a stack trace) when a peer never shows up, so on this path the
+  processes first meet over a plain TCP socket on the coordinator's port: process 0
+  listens until every other process has said hello, then releases them all and only then
+  starts JAX's coordination service on the same port. A missing, duplicate or misconfigured
+  process becomes a one-line `DistributedError` on every process within the timeout,
+  naming the missing processes, instead of an abort or a hang.
 
 `MMJAX_DISTRIBUTED=off` forces one process (e.g. an evaluation inside a SLURM step).
 `MMJAX_INIT_TIMEOUT` (seconds, default 300) bounds the wait for the other processes.
-
-JAX's own connect aborts the whole process (a C++ fatal error with a stack trace) when a
-peer never shows up. So for the explicit and SLURM paths the processes first meet over a
-plain TCP socket on the coordinator's port: process 0 listens until every other process
-has said hello, then releases them all and only then starts JAX's coordination service
-on the same port. A missing, duplicate or misconfigured process becomes a one-line
-`DistributedError` on every process within the timeout instead of an abort or a hang.
 
 `python -m mmjax.runtime.distributed` prints what this process would do (nothing is started).
 """
@@ -43,12 +50,13 @@ from typing import Literal
 
 from mmjax.runtime import log
 
-DEFAULT_SLURM_PORT = 12355
 DEFAULT_TIMEOUT_S = 300.0
 EXPLICIT_VARS = ("MMJAX_COORDINATOR", "MMJAX_NUM_PROCESSES", "MMJAX_PROCESS_ID")
 _HELLO = "mmjax-hello"
 
-Source = Literal["single", "explicit", "slurm", "tpu"]
+Source = Literal["single", "explicit", "slurm", "ompi", "tpu", "cluster"]
+# The cluster_detection_method jax.distributed.initialize is given (None: its own order).
+_DETECTION = {"slurm": "slurm", "ompi": "ompi", "tpu": None, "cluster": None}
 
 
 class DistributedError(RuntimeError):
@@ -57,12 +65,12 @@ class DistributedError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class DistributedInfo:
-    # Both -1 in a TPU plan: JAX reads them from the TPU runtime when it initialises.
+    # Both -1 for a detected cluster until JAX has initialised (it reads them itself).
     process_id: int
     num_processes: int
-    coordinator: str | None  # host:port; None when single or left to JAX (TPU).
+    coordinator: str | None  # host:port on the explicit path; None when single or JAX's.
     source: Source
-    # The local accelerator ids this process uses (one process per GPU), else None: all.
+    # The local accelerator ids this process uses, else None: JAX's choice.
     local_device_ids: tuple[int, ...] | None = None
 
 
@@ -75,19 +83,23 @@ _initialized: DistributedInfo | None = None
 def plan(env: Mapping[str, str] = os.environ) -> DistributedInfo:
     """What `initialize` would do for `env`. Pure; raises DistributedError."""
     mode = env.get("MMJAX_DISTRIBUTED", "auto").strip().lower() or "auto"
-    if mode not in ("auto", "off", "tpu"):
+    if mode not in ("auto", "off", "cluster", "tpu"):
         raise DistributedError(
-            f"MMJAX_DISTRIBUTED={env['MMJAX_DISTRIBUTED']!r} is invalid; allowed: auto, off, tpu"
+            f"MMJAX_DISTRIBUTED={env['MMJAX_DISTRIBUTED']!r} is invalid; allowed: auto, off, "
+            "cluster (tpu)"
         )
     if mode == "off":
         return DistributedInfo(0, 1, None, "single")
     present = [name for name in EXPLICIT_VARS if env.get(name, "").strip()]
     if present:
         return _plan_explicit(env, present)
-    if mode != "tpu" and _in_slurm_step(env) and _int(env, "SLURM_NTASKS", minimum=1) > 1:
+    if mode in ("cluster", "tpu"):
+        return DistributedInfo(-1, -1, None, "tpu" if _on_tpu_pod(env) else "cluster")
+    if _in_slurm_step(env) and _int(env, "SLURM_NTASKS", minimum=1) > 1:
         return _plan_slurm(env)
-    if mode == "tpu" or _on_tpu_pod(env):
-        # Process id and count come from the TPU runtime once JAX is initialised.
+    if _int_or(env, "OMPI_COMM_WORLD_SIZE", 1) > 1:
+        return DistributedInfo(-1, -1, None, "ompi")
+    if _on_tpu_pod(env):
         return DistributedInfo(-1, -1, None, "tpu")
     return DistributedInfo(0, 1, None, "single")
 
@@ -117,6 +129,10 @@ def _int(env: Mapping[str, str], name: str, *, minimum: int) -> int:
     return value
 
 
+def _int_or(env: Mapping[str, str], name: str, default: int) -> int:
+    return _int(env, name, minimum=0) if env.get(name, "").strip() else default
+
+
 def _plan_explicit(env: Mapping[str, str], present: list[str]) -> DistributedInfo:
     missing = [name for name in EXPLICIT_VARS if name not in present]
     if missing:
@@ -144,9 +160,11 @@ def _check_address(address: str, name: str) -> str:
 
 
 def _in_slurm_step(env: Mapping[str, str]) -> bool:
-    # SLURM_STEP_ID is set by srun, not in the batch script itself: a plain
-    # `python -m mmjax.evaluate` in an sbatch script of 8 tasks stays one process.
-    return bool(env.get("SLURM_JOB_ID")) and bool(env.get("SLURM_STEP_ID", env.get("SLURM_STEPID")))
+    # SLURM_STEP_NODELIST is set by srun, not in the batch script itself: a plain
+    # `mmjax evaluate` in an sbatch script of 8 tasks stays one process. JAX's SLURM
+    # detection needs the same variables.
+    needed = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")
+    return all(env.get(name, "").strip() for name in needed)
 
 
 def _plan_slurm(env: Mapping[str, str]) -> DistributedInfo:
@@ -154,18 +172,17 @@ def _plan_slurm(env: Mapping[str, str]) -> DistributedInfo:
     process_id = _int(env, "SLURM_PROCID", minimum=0)
     if process_id >= num_processes:
         raise DistributedError(f"SLURM_PROCID={process_id} >= SLURM_NTASKS={num_processes}")
-    for name in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"):
-        if env.get(name, "").strip():
-            hosts = expand_nodelist(env[name].strip(), name)
-            break
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    per_device = _one_process_per_device(env)
+    if visible is not None and len([v for v in visible.split(",") if v.strip()]) == 1:
+        # srun --gpus-per-task / --gpu-bind narrowed the visible GPUs to one: that one is
+        # local device 0, whatever SLURM_LOCALID says.
+        local_ids: tuple[int, ...] | None = (0,)
+    elif per_device:
+        local_ids = None  # JAX's choice: the GPU SLURM_LOCALID.
     else:
-        raise DistributedError("SLURM_JOB_NODELIST is not set inside a SLURM job step")
-    port = env.get("MMJAX_COORDINATOR_PORT", "").strip() or str(DEFAULT_SLURM_PORT)
-    coordinator = _check_address(f"{hosts[0]}:{port}", "MMJAX_COORDINATOR_PORT")
-    local_ids = None
-    if _one_process_per_device(env):
-        local_ids = (_int(env, "SLURM_LOCALID", minimum=0),)
-    return DistributedInfo(process_id, num_processes, coordinator, "slurm", local_ids)
+        local_ids = tuple(range(_gpus_on_node(env))) or None
+    return DistributedInfo(-1, -1, None, "slurm", local_ids)
 
 
 def _one_process_per_device(env: Mapping[str, str]) -> bool:
@@ -173,66 +190,19 @@ def _one_process_per_device(env: Mapping[str, str]) -> bool:
     if flag not in ("", "0", "1"):
         raise DistributedError(f"MMJAX_ONE_PROCESS_PER_DEVICE={flag!r} is invalid; allowed: 0, 1")
     if flag:
-        wanted = flag == "1"
-    else:
-        per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_STEP_TASKS_PER_NODE") or ""
-        # "8" or "4(x2),3": the most tasks on any node.
-        counts = [int(n) for n in re.findall(r"(\d+)(?:\(x\d+\))?", per_node)]
-        wanted = max(counts, default=1) > 1
-    # srun --gpus-per-task / --gpu-bind already narrowed the visible GPUs to one:
-    # that one is local device 0, so there is nothing to choose.
-    visible = env.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and len([v for v in visible.split(",") if v.strip()]) == 1:
-        return False
-    return wanted
+        return flag == "1"
+    per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_STEP_TASKS_PER_NODE") or ""
+    # "8" or "4(x2),3": the most tasks on any node.
+    counts = [int(n) for n in re.findall(r"(\d+)(?:\(x\d+\))?", per_node)]
+    return max(counts, default=1) > 1
 
 
-def expand_nodelist(nodelist: str, name: str = "SLURM_JOB_NODELIST") -> list[str]:
-    """SLURM's compact host list -> host names: 'node[001-003,007],gpu12' ->
-    ['node001', 'node002', 'node003', 'node007', 'gpu12']. Bracket groups may appear
-    anywhere in a name and more than once ('r[1-2]n[01-02]'); zero padding is kept."""
-    hosts: list[str] = []
-    for item in _split_top_level(nodelist, name):
-        names = [""]
-        for match in re.finditer(r"([^\[\]]*)(?:\[([^\[\]]*)\])?", item):
-            literal, group = match[1], match[2]
-            choices = [""] if group is None else _expand_range_group(group, nodelist, name)
-            names = [prefix + literal + choice for prefix in names for choice in choices]
-        hosts.extend(names)
-    if not hosts or any(not h for h in hosts):
-        raise DistributedError(f"{name}={nodelist!r} is not a valid SLURM host list")
-    return hosts
-
-
-def _split_top_level(nodelist: str, name: str) -> list[str]:
-    items, depth, start = [], 0, 0
-    for i, ch in enumerate(nodelist):
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth -= 1
-        if depth not in (0, 1):
-            raise DistributedError(f"{name}={nodelist!r} has unbalanced brackets")
-        if ch == "," and depth == 0:
-            items.append(nodelist[start:i])
-            start = i + 1
-    if depth:
-        raise DistributedError(f"{name}={nodelist!r} has unbalanced brackets")
-    items.append(nodelist[start:])
-    return [item.strip() for item in items if item.strip()]
-
-
-def _expand_range_group(group: str, nodelist: str, name: str) -> list[str]:
-    out = []
-    for part in group.split(","):
-        match = re.fullmatch(r"\s*(\d+)(?:-(\d+))?\s*", part)
-        if not match:
-            raise DistributedError(f"{name}={nodelist!r}: bad range {part!r} in [{group}]")
-        lo, hi = match[1], match[2] or match[1]
-        if int(hi) < int(lo):
-            raise DistributedError(f"{name}={nodelist!r}: empty range {part!r} in [{group}]")
-        out.extend(str(n).zfill(len(lo)) for n in range(int(lo), int(hi) + 1))
-    return out
+def _gpus_on_node(env: Mapping[str, str]) -> int:
+    """GPUs SLURM gave this node's task (0: none, or not said)."""
+    if env.get("SLURM_GPUS_ON_NODE", "").strip().isdigit():
+        return int(env["SLURM_GPUS_ON_NODE"])
+    visible = env.get("CUDA_VISIBLE_DEVICES", "")
+    return len([v for v in visible.split(",") if v.strip()])
 
 
 def _on_tpu_pod(env: Mapping[str, str]) -> bool:
@@ -418,18 +388,29 @@ def align_processes(what: str, timeout_s: float = 1800.0) -> None:
     Uses the coordination service, not a device collective. Call it before the first
     collective of a phase: gloo gives a new group of processes a fixed 30 s to set up its
     connections, which a process still compiling on a loaded host can miss; aligned, they
-    enter together. Every process must make the same sequence of calls.
+    enter together. Every process must make the same sequence of calls. JAX exposes the
+    service's barrier only on its internal client, so without it this falls back to a
+    device-collective sync.
     """
     import jax
 
     if jax.process_count() == 1:
         return
-    from jax._src import distributed as jax_distributed
-
     global _barriers
     _barriers += 1
-    client = jax_distributed.global_state.client
-    client.wait_at_barrier(f"mmjax_{_barriers}_{what}", int(timeout_s * 1000))
+    name = f"mmjax_{_barriers}_{what}"
+    try:
+        from jax._src import distributed as jax_distributed
+
+        client = jax_distributed.global_state.client
+    except (ImportError, AttributeError):
+        client = None
+    if client is None:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+        return
+    client.wait_at_barrier(name, int(timeout_s * 1000))
 
 
 def initialize(
@@ -453,21 +434,8 @@ def initialize(
 
     # CPU processes exchange collectives over gloo (harmless for accelerators).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if info.source == "tpu":
-        try:
-            jax.distributed.initialize(initialization_timeout=math.ceil(timeout_s))
-        except (RuntimeError, ValueError) as e:
-            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DistributedError(f"TPU pod initialisation failed: {message}") from None
-        from jax._src import distributed as jax_distributed  # The address JAX chose.
-
-        info = dataclasses.replace(
-            info,
-            process_id=jax.process_index(),
-            num_processes=jax.process_count(),
-            coordinator=getattr(jax_distributed.global_state, "coordinator_address", None),
-        )
-    else:
+    local_ids = list(info.local_device_ids) if info.local_device_ids else None
+    if info.source == "explicit":
         if info.process_id == 0:
             _rendezvous_chief(info, timeout_s)
         else:
@@ -476,16 +444,30 @@ def initialize(
             coordinator_address=info.coordinator,
             num_processes=info.num_processes,
             process_id=info.process_id,
-            local_device_ids=list(info.local_device_ids) if info.local_device_ids else None,
             # Everything is given: keep JAX from second-guessing it (its SLURM detection
             # would otherwise pin each process to one GPU).
             cluster_detection_method="deactivate",
             initialization_timeout=math.ceil(timeout_s),
         )
+    else:
+        try:
+            jax.distributed.initialize(
+                local_device_ids=local_ids,
+                cluster_detection_method=_DETECTION[info.source],
+                initialization_timeout=math.ceil(timeout_s),
+            )
+        except (RuntimeError, ValueError) as e:
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if "coordinator_address" in message:
+                message = "JAX detected no cluster environment it knows (SLURM, Open MPI, TPU...)"
+            raise DistributedError(f"{info.source} initialisation failed: {message}") from None
+        info = dataclasses.replace(
+            info, process_id=jax.process_index(), num_processes=jax.process_count()
+        )
     _initialized = info
     log.set_process(info.process_id)
     if info.process_id == 0:
-        where = f"coordinator {info.coordinator}" if info.coordinator else "coordinator auto"
+        where = f"coordinator {info.coordinator}" if info.coordinator else "found by JAX"
         log.info(
             f"distributed: {info.num_processes} processes ({info.source}, {where}), "
             f"{jax.device_count()} devices"
