@@ -29,7 +29,7 @@ VERBS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
     "tokenizer": ("mmjax.tools.tokenizer", "train a tokenizer on a source, or encode a text"),
     "data": {
         "convert": ("mmjax.tools.data", "write a source as ArrayRecord shards"),
-        "corpus": ("mmjax.data.image_corpus", "write the built-in corpus as image files"),
+        "corpus": ("mmjax.tools.corpus", "write the built-in corpus as image files"),
     },
     "bench": {
         "": ("mmjax.benchmarks.train_step", "time the train step (MFU)"),

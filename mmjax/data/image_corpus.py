@@ -1,6 +1,6 @@
 """Writes the shapes corpus as image files: a demo of "your own data", and test fixtures.
 
-    python -m mmjax.data.image_corpus /tmp/corpus --num-examples 2000 --wds-shard-size 500
+    mmjax data corpus /tmp/corpus --num-examples 2000 --wds-shard-size 500
 
 writes /tmp/corpus/images/train/000000.jpg ... and /tmp/corpus/train.csv
 (columns filepath, caption; paths relative to the CSV), and with
@@ -18,9 +18,7 @@ import csv
 import io
 import json
 import os
-import sys
 import tarfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import tqdm
@@ -29,7 +27,6 @@ from PIL import Image
 from mmjax.data.csv_source import CsvSource
 from mmjax.data.records import BadSample
 from mmjax.data.shapes import ShapesSource
-from mmjax.runtime import cli
 
 FORMATS = {"jpeg": ".jpg", "png": ".png"}
 
@@ -119,41 +116,3 @@ def write_wds_shards(
                     tar.addfile(info, io.BytesIO(data))
         os.replace(temporary, path)
     return str(out / f"{{{0:06d}..{num_shards - 1:06d}}}.tar")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = cli.ArgumentParser(
-        prog="python -m mmjax.data.image_corpus", description=__doc__.split("\n", 1)[0]
-    )
-    parser.add_argument("out_dir")
-    parser.add_argument("--num-examples", type=int, required=True)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--split", choices=("train", "eval"), default="train")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--format", choices=tuple(FORMATS), default="jpeg")
-    parser.add_argument(
-        "--wds-shard-size", type=int, default=0, help="also write tar shards of this many samples"
-    )
-    args = parser.parse_args(argv)
-    try:
-        csv_path = write_image_corpus(
-            args.out_dir,
-            num_examples=args.num_examples,
-            image_size=args.image_size,
-            split=args.split,
-            seed=args.seed,
-            fmt=args.format,
-            progress=True,
-        )
-        print(csv_path)
-        if args.wds_shard_size:
-            wds_dir = Path(args.out_dir) / f"wds_{args.split}"
-            print(write_wds_shards(csv_path, wds_dir, shard_size=args.wds_shard_size))
-    except (OSError, ValueError) as e:
-        print(f"image_corpus: error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -28,7 +28,6 @@ import concurrent.futures
 import dataclasses
 import math
 import os
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ from mmjax.inference.prompts import class_embeddings
 from mmjax.models.coca import CoCa
 from mmjax.models.config import ModelConfig
 from mmjax.models.video import input_frames
-from mmjax.runtime import paths
+from mmjax.runtime import log, paths
 from mmjax.runtime import sharding as shd
 from mmjax.runtime.checkpoint import read_params
 from mmjax.runtime.config import from_json_file
@@ -206,10 +205,6 @@ def abstract_params(model: CoCa, mesh, rules) -> Any:
     )
 
 
-def _stderr(message: str) -> None:
-    print(f"[mmjax] {message}", file=sys.stderr, flush=True)
-
-
 def padded_rows(count: int, batch_size: int, multiple: int) -> int:
     """Rows a call's batches are padded to: `batch_size` (rounded up to `multiple`) for
     calls with at least that many items, else the smallest power-of-two multiple of
@@ -262,7 +257,7 @@ class Predictor:
         step: int | None = None,
         *,
         devices: Sequence[Any] | None = None,
-        warn: Callable[[str], None] | None = _stderr,
+        warn: Callable[[str], None] | None = log.warning,
     ) -> Predictor:
         """Loads WORKDIR/config.json, the tokenizer and checkpoint `step` (default: newest
         readable). Raises FileNotFoundError / CheckpointError / ValueError in one line."""

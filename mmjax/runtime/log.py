@@ -1,31 +1,49 @@
 """mmjax's messages: the `mmjax` Python logger, one line each, as `[mmjax] message`.
 
-They go to standard output (the stream a run's log is read from; the inference commands,
-whose standard output is their result, report on standard error instead). Processes other
-than 0 of a multi-process run keep warnings and errors only (`distributed.initialize` sets
-that once it knows its process id); MMJAX_LOG_ALL_PROCESSES=1 keeps every process's info.
+They go to standard output (the stream a run's log is read from); the inference commands,
+whose standard output is their result, call `to_stderr()` first and report on standard
+error. Processes other than 0 of a multi-process run keep warnings and errors only
+(`distributed.initialize` sets that once it knows its process id); MMJAX_LOG_ALL_PROCESSES=1
+keeps every process's info.
 Applications embedding mmjax can attach their own handlers to the `mmjax` logger.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 logger = logging.getLogger("mmjax")
 
 
+_use_stderr = False
+
+
+@contextlib.contextmanager
+def to_stderr() -> Iterator[None]:
+    """Inside, mmjax's messages go to standard error (commands whose output is data)."""
+    global _use_stderr
+    before, _use_stderr = _use_stderr, True
+    try:
+        yield
+    finally:
+        _use_stderr = before
+
+
 class _StandardOutput(logging.StreamHandler):
-    """Writes to whatever sys.stdout is when a message is emitted (pytest and notebooks
-    replace it), not the stream of the moment the handler was made."""
+    """Writes to whatever sys.stdout (or sys.stderr, after `to_stderr`) is when a message is
+    emitted (pytest and notebooks replace it), not the stream of the moment the handler was
+    made."""
 
     def __init__(self):
         super().__init__()
 
     @property
     def stream(self):
-        return sys.stdout
+        return sys.stderr if _use_stderr else sys.stdout
 
     @stream.setter
     def stream(self, _):

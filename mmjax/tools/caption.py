@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from mmjax.inference.generate import METHODS, GenerateOptions
 from mmjax.inference.predictor import BadImage, Predictor, unreadable_files
-from mmjax.runtime import cli
+from mmjax.runtime import cli, log
 from mmjax.runtime.checkpoint import CheckpointError
 
 # Flag -> GenerateOptions field; a flag left out keeps the field's default.
@@ -59,6 +59,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    with log.to_stderr():  # Standard output holds the captions.
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     chosen = {name: getattr(args, name) for name in OPTION_FLAGS}
     try:

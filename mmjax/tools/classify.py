@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from mmjax.inference.predictor import BadImage, Predictor, unreadable_files
 from mmjax.inference.prompts import read_classes, read_templates
-from mmjax.runtime import cli
+from mmjax.runtime import cli, log
 from mmjax.runtime.checkpoint import CheckpointError
 
 
@@ -45,6 +45,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    with log.to_stderr():  # Standard output holds the predictions.
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     try:
         if args.k < 1:

@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from mmjax.inference.predictor import Predictor
-from mmjax.runtime import cli
+from mmjax.runtime import cli, log
 from mmjax.runtime.checkpoint import CheckpointError
 
 FORMAT = "mmjax-search-index"
@@ -172,7 +172,7 @@ def build_index(
     chunk_size: int = 8192,
     overwrite: bool = False,
     progress: bool = True,
-    warn: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
+    warn: Callable[[str], None] = log.warning,
 ) -> BuildSummary:
     """Embeds the images under `image_dir` into the index folder `out` (see the module doc).
 
@@ -451,13 +451,12 @@ def _query_main(args) -> int:
         return _error(f"index {args.index} records no model workdir; pass --workdir")
     if recorded is None or Path(workdir).resolve() != Path(recorded):
         step = None  # Another model: its latest checkpoint.
-        print(
-            f"[mmjax] note: the index was built with {recorded} step {index.manifest.get('step')}"
-            f"; querying with {workdir}",
-            file=sys.stderr,
+        log.warning(
+            f"note: the index was built with {recorded} step {index.manifest.get('step')}"
+            f"; querying with {workdir}"
         )
     if not index.manifest.get("complete", False):
-        print(f"[mmjax] note: index {args.index} is incomplete; rerun `index`", file=sys.stderr)
+        log.warning(f"note: index {args.index} is incomplete; rerun `index`")
     try:
         predictor = Predictor.from_workdir(workdir, step)
         scores, indices = index.query(predictor.embed_texts([args.text]), args.k)
@@ -469,11 +468,16 @@ def _query_main(args) -> int:
     if args.html:
         note = f"{len(index)} images; model {predictor.workdir} step {predictor.step}"
         write_html(args.html, args.text, hits, note)
-        print(f"[mmjax] wrote {args.html}", file=sys.stderr)
+        log.info(f"wrote {args.html}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    with log.to_stderr():  # Standard output holds the results.
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = cli.ArgumentParser(
         prog="python -m mmjax.tools.search", description=__doc__.split("\n\n")[0]
     )
