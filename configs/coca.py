@@ -56,7 +56,7 @@ def get_config(arg=None):
     config.model.param_dtype = "float32"
     # From the size (mmjax/models/config.py SIZES; all but `bench` scan their layers, none
     # remats): model.scan_layers, and model.remat = none | minimal | dots-saveable | full,
-    # for all towers or per tower (remat_vision / remat_text / remat_decoder; '' follows
+    # for all towers or per tower (vision.remat / text.remat / decoder.remat; '' follows
     # model.remat).
 
     # Mesh: sizes of the data, fsdp and tensor axes inside one slice (TPU) or process

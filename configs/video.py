@@ -5,13 +5,13 @@ Run (one CPU):
   python -m mmjax.train --config configs/video.py:size=tiny --workdir runs/video_tiny
 
 Every frame goes through the image encoder (weights shared over time), then a temporal
-encoder (time embedding + model.video_layers blocks, attentional pooling) gives the clip
+encoder (time embedding + model.video.layers blocks, attentional pooling) gives the clip
 embedding and the decoder's tokens (mmjax/models/video.py). Captions name the motion
 ('a red circle moving left'); each motion is the time reversal of another, so they can only
 be told apart by the order of the frames.
 
 Arguments (after the colon, comma separated): size=tiny|bench|small|base|large,
-steps=N (total_steps), batch=N (global batch size), frames=T (model.video_frames),
+steps=N (total_steps), batch=N (global batch size), frames=T (model.video.frames),
 image=S, patch=P (frame side and patch side in pixels; 0 = the size's, except tiny's
 8 px patches).
 
@@ -33,17 +33,17 @@ def get_config(arg=None):
         f"size={arg.size},steps={arg.steps},batch={arg.batch}"
     )
     config.model.input_kind = "video"
-    config.model.video_frames = arg.frames
-    config.model.video_layers = 2
+    config.model.video.frames = arg.frames
+    config.model.video.layers = 2
     if arg.size == "tiny" and not arg.patch:
         # 32 px frames in 8 px patches: 16 tokens a frame (the image tiny has 64), and where
         # a shape sits inside a patch reaches the patch embedding directly, so motion is
         # learned in hundreds of steps rather than thousands (4 px patches: ~1000).
-        config.model.patch_size = 8
+        config.model.vision.patch_size = 8
     if arg.image:
         config.model.image_size = arg.image
     if arg.patch:
-        config.model.patch_size = arg.patch
+        config.model.vision.patch_size = arg.patch
     config.data.train = "shapes_video"
     config.data.eval = "shapes_video"
     # Greedy captions (COCO metrics) as in configs/coca.py; zero-shot over the six motions

@@ -23,7 +23,7 @@ EXACT = dict(rtol=0, atol=1e-6)  # Masked keys get zero weight, so "unchanged" i
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = ModelConfig.from_mapping(dict(SIZES["tiny"], dtype="float32"))
+    cfg = ModelConfig.sized("tiny", {"dtype": "float32"})
     model = CoCa(cfg)
     rng = np.random.default_rng(0)
     b, length = 4, cfg.context_length
@@ -82,7 +82,7 @@ def _replace_token(tokens, j, rng):
 def test_text_encoder_is_causal(setup, j):
     s, rng = setup, np.random.default_rng(j)
     emb, feats = _text(s, s["params"], s["full"])
-    assert feats.shape == (4, s["cfg"].context_length - 1, s["cfg"].text_width)
+    assert feats.shape == (4, s["cfg"].context_length - 1, s["cfg"].text.width)
     emb2, feats2 = _text(s, s["params"], _replace_token(s["full"], j, rng))
     np.testing.assert_allclose(feats2[:, :j], feats[:, :j], **EXACT)
     # The changed position and everything after it see the new token, and so does CLS.
@@ -171,7 +171,7 @@ def _vit_tokens(s, images):
 @pytest.mark.parametrize("corner", ["first", "last"])
 def test_image_encoder_is_bidirectional(setup, corner):
     s = setup
-    p = s["cfg"].patch_size
+    p = s["cfg"].vision.patch_size
     images = s["images"].copy()
     if corner == "last":
         images[:, -p:, -p:] = 255 - images[:, -p:, -p:]
@@ -181,7 +181,7 @@ def test_image_encoder_is_bidirectional(setup, corner):
         watched = -1  # An anti-causal one would leave the last token unchanged.
     tokens, emb = _vit_tokens(s, s["images"])
     tokens2, emb2 = _vit_tokens(s, images)
-    assert tokens.shape == (4, s["cfg"].num_patches, s["cfg"].vit_width)
+    assert tokens.shape == (4, s["cfg"].num_patches, s["cfg"].vision.width)
     assert np.all(np.abs(tokens2[:, watched] - tokens[:, watched]).max(axis=-1) > 1e-4)
     assert np.all(np.abs(emb2 - emb).max(axis=-1) > 1e-5)
 

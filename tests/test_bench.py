@@ -71,10 +71,10 @@ def test_config_file_keeps_what_the_size_chose(size):
 
 def test_bench_size_is_the_contract_shape():
     model = load_config("configs/coca.py:size=bench").model
-    assert (model.image_size, model.patch_size, model.caption_queries) == (64, 8, 256)
-    assert (model.vit_width, model.vit_layers, model.vit_heads) == (256, 4, 4)
-    assert (model.text_width, model.text_layers, model.text_heads) == (256, 4, 4)
-    assert (model.context_length, model.vocab_size, model.decoder_layers) == (32, 4000, 2)
+    assert (model.image_size, model.vision.patch_size, model.vision.caption_queries) == (64, 8, 256)
+    assert (model.vision.width, model.vision.layers, model.vision.heads) == (256, 4, 4)
+    assert (model.text.width, model.text.layers, model.text.heads) == (256, 4, 4)
+    assert (model.context_length, model.vocab_size, model.decoder.layers) == (32, 4000, 2)
     assert model.embed_dim == 256 and model.dtype == "float32"
     assert load_config("configs/coca.py:size=bench").batch_size == 64
     # Unrolled for the CPU benchmark (see SIZES['bench']); every other size scans.

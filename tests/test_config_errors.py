@@ -81,8 +81,27 @@ def test_unknown_model_key(capsys, tmp_path, no_compile):
     line = _check_in_process(
         capsys, tmp_path, ["--config.model.foo=1"], "'model.foo'", "under 'model'"
     )
-    for allowed in ("vit_width", "text_layers", "vocab_size"):
-        assert allowed in line
+    for allowed in ("vision", "text", "decoder", "vocab_size"):
+        assert f"'{allowed}'" in line
+
+
+def test_unknown_key_in_a_model_group(capsys, tmp_path, no_compile):
+    line = _check_in_process(
+        capsys, tmp_path, ["--config.model.vision.widht=1"], "'model.vision.widht'", "under"
+    )
+    for allowed in ("width", "heads", "patch_size"):
+        assert f"'{allowed}'" in line
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [("vit_width", "vision.width"), ("fusion", "decoder.fusion"), ("video_frames", "video.frames")],
+)
+def test_flat_model_key_names_its_new_name(old, new, capsys, tmp_path, no_compile):
+    """Keys from before the per-tower grouping fail in one line naming the grouped key."""
+    _check_in_process(
+        capsys, tmp_path, [f"--config.model.{old}=1"], f"'model.{old}' was renamed 'model.{new}'"
+    )
 
 
 def test_unknown_top_level_key(capsys, tmp_path, no_compile):

@@ -31,14 +31,14 @@ from mmjax.training.step import train_step
 BATCH = 8
 # Widths 128 (MLP 512) so that matmuls dominate; two layers per tower keep compiling quick.
 MID = [
-    "model.vit_width=128",
-    "model.text_width=128",
-    "model.vit_mlp_dim=512",
-    "model.text_mlp_dim=512",
+    "model.vision.width=128",
+    "model.text.width=128",
+    "model.vision.mlp_dim=512",
+    "model.text.mlp_dim=512",
     "model.embed_dim=128",
-    "model.vit_layers=2",
-    "model.text_layers=2",
-    "model.decoder_layers=2",
+    "model.vision.layers=2",
+    "model.text.layers=2",
+    "model.decoder.layers=2",
     "model.remat=none",
 ]
 LOW, HIGH = 0.93, 1.01
@@ -127,9 +127,9 @@ def test_causal_discount_halves_only_the_text_attention():
     cfg = ModelConfig.from_mapping({})
     full = forward_flops_per_example(cfg, causal_discount=False)
     causal = forward_flops_per_example(cfg, causal_discount=True)
-    t_enc, t_dec, w = cfg.context_length, cfg.context_length - 1, cfg.text_width
+    t_enc, t_dec, w = cfg.context_length, cfg.context_length - 1, cfg.text.width
     # Scores + values, forward: 4*T*T*W per layer; half of it is discounted.
-    saved = 0.5 * 4 * w * (cfg.text_layers * t_enc**2 + cfg.decoder_layers * t_dec**2)
+    saved = 0.5 * 4 * w * (cfg.text.layers * t_enc**2 + cfg.decoder.layers * t_dec**2)
     assert full - causal == pytest.approx(saved)
     assert train_flops_per_step(cfg, 4) == pytest.approx(3 * 4 * (causal + 2 * 4 * cfg.embed_dim))
 
@@ -137,16 +137,16 @@ def test_causal_discount_halves_only_the_text_attention():
 @pytest.mark.parametrize(
     "tower",
     [
-        ["model.image_encoder=resnet", "model.resnet_blocks=(1,1,1)", "model.resnet_width=16"],
+        ["model.vision.encoder=resnet", "model.vision.resnet_blocks=(1,1,1)", "model.vision.resnet_width=16"],
         [
-            "model.image_encoder=resnet",
-            "model.resnet_stem=imagenet",
+            "model.vision.encoder=resnet",
+            "model.vision.resnet_stem=imagenet",
             "model.image_size=64",
-            "model.resnet_blocks=(1,1,1)",
-            "model.resnet_width=16",
+            "model.vision.resnet_blocks=(1,1,1)",
+            "model.vision.resnet_width=16",
         ],
-        ["model.input_kind=video", "model.video_frames=3"],
-        ["model.input_kind=video", "model.video_frames=2", "model.fusion=early"],
+        ["model.input_kind=video", "model.video.frames=3"],
+        ["model.input_kind=video", "model.video.frames=2", "model.decoder.fusion=early"],
     ],
     ids=["resnet_small_stem", "resnet_imagenet_stem", "video", "video_early"],
 )

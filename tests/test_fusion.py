@@ -1,4 +1,4 @@
-"""model.fusion = early | late (mmjax/models/fusion.py) against the cross-attention default.
+"""model.decoder.fusion = early | late (mmjax/models/fusion.py) against the cross-attention default.
 
 Random-init tiny models (f32). Masks are checked on the mask function and by perturbation
 (which outputs may move when one input changes); decoding through the KV cache (the image
@@ -42,11 +42,11 @@ def _differs(a, b, axis=-1):
 
 # On top of `tiny`: one ViT and one text-encoder layer keep compiles short; the decoder keeps
 # its two layers, so the masks are checked through a stack (layer 2 reads what layer 1 mixed).
-SMALLER = dict(vit_layers=1, text_layers=1, caption_queries=8)
+SMALLER = {"vision.layers": 1, "text.layers": 1, "vision.caption_queries": 8}
 
 
 def _config(fusion: str) -> ModelConfig:
-    cfg = ModelConfig.from_mapping(dict(SIZES["tiny"], fusion=fusion, **SMALLER))
+    cfg = ModelConfig.sized("tiny", {"decoder.fusion": fusion, **SMALLER})
     cfg.validate()
     return cfg
 
@@ -138,13 +138,13 @@ def test_shapes_and_parameters(setup):
     decoder = params["decoder"]
     assert set(decoder) == {"image_to_text", "blocks", "ln_final", "lm_head"}
     assert set(decoder["blocks"]["layers"]) == {"ln_attn", "attn", "ln_mlp", "mlp"}
-    assert decoder["blocks"]["layers"]["attn"]["qkv_kernel"].shape[0] == cfg.decoder_layers
-    assert decoder["image_to_text"]["kernel"].shape == (cfg.vit_width, cfg.text_width)
+    assert decoder["blocks"]["layers"]["attn"]["qkv_kernel"].shape[0] == cfg.decoder.layers
+    assert decoder["image_to_text"]["kernel"].shape == (cfg.vision.width, cfg.text.width)
     # Late builds no caption pooler: the decoder reads the pooled vector only.
-    assert ("caption_pool" in params["image_encoder"]) == (cfg.fusion == "early")
+    assert ("caption_pool" in params["image_encoder"]) == (cfg.decoder.fusion == "early")
     assert s["boxed"]["decoder"]["image_to_text"]["kernel"].names == ("embed", "joint")
     caption = out["caption"]
-    if cfg.fusion == "late":
+    if cfg.decoder.fusion == "late":
         # The tower returns no caption tokens; encode_image hands over the pooled vector.
         _, tower_tokens = jax.eval_shape(
             functools.partial(s["model"].apply, method=lambda m, i: m.image_encoder(i)),
@@ -154,7 +154,7 @@ def test_shapes_and_parameters(setup):
         assert tower_tokens is None
         np.testing.assert_array_equal(np.asarray(caption), np.asarray(out["pooled"])[:, None])
     else:
-        assert caption.shape == (BATCH, cfg.caption_queries, cfg.vit_width)
+        assert caption.shape == (BATCH, cfg.vision.caption_queries, cfg.vision.width)
 
 
 @pytest.mark.parametrize("j", [1, 6])
@@ -196,7 +196,7 @@ def test_early_image_positions_see_all_image_and_no_text():
     token and on no text feature; text positions see the image and earlier text."""
     s = _setup("early")
     cfg = s["cfg"]
-    n, t = cfg.caption_queries, cfg.context_length - 1
+    n, t = cfg.vision.caption_queries, cfg.context_length - 1
     run = jax.jit(
         functools.partial(
             s["model"].apply,
@@ -211,10 +211,10 @@ def test_early_image_positions_see_all_image_and_no_text():
         return np.asarray(x)
 
     rng = np.random.default_rng(1)
-    features = rng.normal(size=(BATCH, t, cfg.text_width)).astype(np.float32)
-    image = rng.normal(size=(BATCH, n, cfg.vit_width)).astype(np.float32)
+    features = rng.normal(size=(BATCH, t, cfg.text.width)).astype(np.float32)
+    image = rng.normal(size=(BATCH, n, cfg.vision.width)).astype(np.float32)
     base = hidden(features, image)
-    assert base.shape == (BATCH, n + t, cfg.text_width)
+    assert base.shape == (BATCH, n + t, cfg.text.width)
 
     j = 4  # A text position.
     text_changed = features.copy()
@@ -254,12 +254,12 @@ def test_late_image_reaches_the_decoder_only_through_the_pooled_vector(setup):
     (nothing finer than the pooled vector is read); under early fusion they do not (the
     caption tokens carry the detail), which shows the check can fail."""
     s = setup
-    run = _logits_with_pooled(s["cfg"].fusion)
-    pooled = np.random.default_rng(2).normal(size=(BATCH, s["cfg"].vit_width)).astype(np.float32)
+    run = _logits_with_pooled(s["cfg"].decoder.fusion)
+    pooled = np.random.default_rng(2).normal(size=(BATCH, s["cfg"].vision.width)).astype(np.float32)
     other_images = 255 - s["images"]
     logits = np.asarray(run(s["params"], s["images"], s["tokens"], pooled))
     logits2 = np.asarray(run(s["params"], other_images, s["tokens"], pooled))
-    if s["cfg"].fusion == "late":
+    if s["cfg"].decoder.fusion == "late":
         np.testing.assert_allclose(logits2, logits, **EXACT)
         logits3 = np.asarray(run(s["params"], s["images"], s["tokens"], pooled + 1.0))
         assert np.all(_differs(logits3[:, 0], logits[:, 0]))  # The pooled vector matters.
@@ -280,7 +280,7 @@ def test_cached_decoding_matches_the_full_model(setup):
     caption = s["apply"](params, s["images"], s["tokens"])["caption"]
     cache = _initial_cache(decoder, BATCH, caption)
     prefix = caption.shape[1]
-    assert prefix == (cfg.caption_queries if cfg.fusion == "early" else 1)
+    assert prefix == (cfg.vision.caption_queries if cfg.decoder.fusion == "early" else 1)
     key = cache["decoder"]["blocks"]["layers"]["attn"]["cached_key"]
     assert key.shape[3] == prefix + cfg.context_length  # [layers, B, heads, length, head_dim]
 
@@ -312,7 +312,7 @@ def _greedy(fusion: str) -> np.ndarray:
 
 def test_greedy_generation_matches_naive_loop(setup):
     expected = naive_greedy(setup, eos_id=-1)
-    np.testing.assert_array_equal(_greedy(setup["cfg"].fusion), expected)
+    np.testing.assert_array_equal(_greedy(setup["cfg"].decoder.fusion), expected)
 
 
 @pytest.mark.slow
@@ -323,7 +323,7 @@ def test_beam_search_matches_naive_beam(setup):
     fn = make_generate_fn(s["model"], bos_id=BOS, eos_id=-1, options=options)
     got = np.asarray(fn(s["params"], s["images"]))
     np.testing.assert_array_equal(got, naive_beam(s, -1, beams=3, alpha=0.6))
-    assert not np.array_equal(got, _greedy(s["cfg"].fusion))  # Not void.
+    assert not np.array_equal(got, _greedy(s["cfg"].decoder.fusion))  # Not void.
 
 
 # --- Training and sharding -----------------------------------------------------------------
@@ -376,7 +376,7 @@ def spec(x):
     return [list(e) if isinstance(e, tuple) else e for e in x.sharding.spec]
 
 for fusion in ("early", "late"):
-    model = CoCa(ModelConfig.from_mapping(dict(SIZES["tiny"], fusion=fusion, **SMALLER)))
+    model = CoCa(ModelConfig.sized("tiny", {"decoder.fusion": fusion, **SMALLER}))
     with open(f"{folder}/{fusion}.msgpack", "rb") as f:
         params = serialization.msgpack_restore(f.read())
     boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), batch["images"], batch["tokens"])
@@ -456,8 +456,8 @@ def test_analytic_flops_match_xla():
     three; one decoder layer is several percent)."""
     ratios = {}
     for fusion in ("cross_attention", *FUSIONS):
-        config = load_config("configs/coca.py:size=tiny", [*MID, f"model.fusion={fusion}"])
-        cfg = ModelConfig.from_mapping(dict(config.model.to_dict(), scan_layers=False))
+        config = load_config("configs/coca.py:size=tiny", [*MID, f"model.decoder.fusion={fusion}"])
+        cfg = ModelConfig.from_mapping(config.model.to_dict()).replace({"scan_layers": False})
         model = CoCa(cfg)
         images = jax.ShapeDtypeStruct((BATCH, cfg.image_size, cfg.image_size, 3), jnp.uint8)
         tokens = jax.ShapeDtypeStruct((BATCH, cfg.context_length), jnp.int32)
@@ -477,7 +477,9 @@ def test_fusion_ablation_sweep():
         config = load_config(spec, variant_overrides(deltas, []))
         cfg = ModelConfig.from_mapping(config.model.to_dict())
         cfg.validate()
-        assert cfg.fusion == variant and config.total_steps == 800
+        assert cfg.decoder.fusion == variant and config.total_steps == 800
         # Everything else is configs/coca.py's.
-        base = load_config("configs/coca.py:size=tiny,steps=800", [f"model.fusion={variant}"])
+        base = load_config(
+            "configs/coca.py:size=tiny,steps=800", [f"model.decoder.fusion={variant}"]
+        )
         assert config.to_dict() == base.to_dict()

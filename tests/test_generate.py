@@ -29,7 +29,7 @@ BATCH = 6
 @functools.cache
 def _scanned_params():
     """One random init (jit-compiled once), shared by every variant below."""
-    cfg = ModelConfig.from_mapping(dict(SIZES["tiny"]))
+    cfg = ModelConfig.sized("tiny")
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (BATCH, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
     tokens = np.zeros((BATCH, cfg.context_length), np.int32)
@@ -38,7 +38,7 @@ def _scanned_params():
 
 
 def _model(scan_layers: bool, dtype: str = "float32"):
-    cfg = ModelConfig.from_mapping(dict(SIZES["tiny"], scan_layers=scan_layers, dtype=dtype))
+    cfg = ModelConfig.sized("tiny", {"scan_layers": scan_layers, "dtype": dtype})
     params, images = _scanned_params()
     return CoCa(cfg), params if scan_layers else unstack_layers(params), images
 

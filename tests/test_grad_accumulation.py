@@ -18,8 +18,8 @@ from mmjax.training.objective import loss_and_grads
 BATCH = 16
 
 
-def _model(**overrides):
-    cfg = dataclasses.replace(ModelConfig(**SIZES["tiny"]), **overrides)
+def _model(overrides=None):
+    cfg = ModelConfig.sized("tiny", overrides)
     return CoCa(cfg)
 
 
@@ -110,7 +110,11 @@ def test_microbatches_must_divide_the_batch(setup):
 def _stack_grads(cfg, policy, x):
     """Gradients (params and input) of a 2-layer encoder stack under a remat policy."""
     stack = Stack(
-        cfg, EncoderBlock, 2, dict(num_heads=cfg.vit_heads, mlp_dim=cfg.vit_mlp_dim), remat=policy
+        cfg,
+        EncoderBlock,
+        2,
+        dict(num_heads=cfg.vision.heads, mlp_dim=cfg.vision.mlp_dim),
+        remat=policy,
     )
     params = nn.unbox(stack.init(jax.random.key(0), x, None))
     loss = lambda p, x: jnp.sum(stack.apply(p, x, None) ** 2)
@@ -120,8 +124,8 @@ def _stack_grads(cfg, policy, x):
 
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_every_remat_policy_gives_the_same_gradients(scan_layers):
-    cfg = dataclasses.replace(ModelConfig(**SIZES["tiny"]), scan_layers=scan_layers)
-    x = jax.random.normal(jax.random.key(1), (4, 8, cfg.vit_width))
+    cfg = ModelConfig.sized("tiny", {"scan_layers": scan_layers})
+    x = jax.random.normal(jax.random.key(1), (4, 8, cfg.vision.width))
     fn, params = _stack_grads(cfg, "none", x)
     reference = jax.device_get(fn(params, x))
     for policy in REMAT_POLICIES[1:]:
@@ -131,8 +135,8 @@ def test_every_remat_policy_gives_the_same_gradients(scan_layers):
 
 def test_remat_changes_what_the_backward_pass_keeps():
     # The policies are real: full remat keeps less of the forward pass for the backward.
-    cfg = ModelConfig(**SIZES["tiny"])
-    x = jax.random.normal(jax.random.key(1), (16, 64, cfg.vit_width))
+    cfg = ModelConfig.sized("tiny")
+    x = jax.random.normal(jax.random.key(1), (16, 64, cfg.vision.width))
 
     def temp_bytes(policy):
         fn, params = _stack_grads(cfg, policy, x)
@@ -145,10 +149,12 @@ def test_remat_changes_what_the_backward_pass_keeps():
 def test_per_tower_remat_gives_the_same_model_gradients(setup):
     model, params, batch = setup
     reference = _grads(model, params, batch, _loss_config())
-    mixed = _model(remat_vision="full", remat_text="minimal", remat_decoder="dots-saveable")
+    mixed = _model(
+        {"vision.remat": "full", "text.remat": "minimal", "decoder.remat": "dots-saveable"}
+    )
     _assert_close(_grads(mixed, params, batch, _loss_config()), reference, rtol=1e-6)
 
 
 def test_unknown_remat_policy_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"model.remat_text='dots'.*'dots-saveable'"):
-        load_config("configs/coca.py:size=tiny", ["model.remat_text=dots"])
+    with pytest.raises(ConfigError, match=r"model.text.remat='dots'.*'dots-saveable'"):
+        load_config("configs/coca.py:size=tiny", ["model.text.remat=dots"])

@@ -18,12 +18,12 @@ from tests.runs import run_with_devices
 
 REPO = Path(__file__).resolve().parents[1]
 KNOWN_NAMES = {"embed", "mlp", "heads", "kv", "vocab", "layers", "norm", "patch", "joint", None}
-KNOWN_NAMES |= {"conv_in", "conv_out"}  # ResNet kernels (model.image_encoder='resnet').
+KNOWN_NAMES |= {"conv_in", "conv_out"}  # ResNet kernels (model.vision.encoder='resnet').
 SCALARS = {"logit_scale", "logit_bias"}
 
 
 def _boxed_params(scan_layers: bool):
-    model = CoCa(ModelConfig.from_mapping(dict(SIZES["tiny"], scan_layers=scan_layers)))
+    model = CoCa(ModelConfig.sized("tiny", {"scan_layers": scan_layers}))
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *dummy_batch(model)))["params"]
 
 

@@ -194,7 +194,7 @@ def test_mask_convention_matters():
     import dataclasses
 
     a = jax.jit(CoCa(cfg).apply)({"params": params}, jnp.asarray(images), tokens)["text_emb"]
-    other = dataclasses.replace(cfg, text_mask="pad_keys")
+    other = cfg.replace({"text.mask": "pad_keys"})
     b = jax.jit(CoCa(other).apply)({"params": params}, jnp.asarray(images), tokens)["text_emb"]
     assert max_err(a, b) > 1e-3
 
@@ -355,7 +355,7 @@ def test_converted_workdir_predicts_and_fine_tunes(tmp_path):
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     saved = json.loads((workdir / "config.json").read_text())
-    assert saved["model"]["decoder_block"] == "split"
+    assert saved["model"]["decoder"]["block"] == "split"
     assert saved["data"]["tokenizer_type"] == "clip_bpe"
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:3]), losses
 

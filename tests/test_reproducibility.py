@@ -43,6 +43,7 @@ from mmjax.runtime.config import ConfigError, load_config, to_json, validate
 from mmjax.runtime.metric_writer import read_metrics
 from mmjax.runtime.run_record import RunRefused, WorkdirLock
 from tests.runs import LOSS_KEYS, MESH_8, REPO, STEPS, TWO_PROCESSES, env_for, train, train_lines
+from tests.test_model_config import legacy_flat
 
 # Per-step values that depend only on the computation (not on timing).
 DETERMINISTIC_KEYS = LOSS_KEYS + ("grad_norm", "learning_rate", "temperature", "logit_bias")
@@ -131,7 +132,7 @@ def test_config_changes_count_only_keys_that_change_training():
         "allow_config_change",
         *(f"mesh.{k}" for k in ("data", "fsdp", "tensor", "dcn_data", "dcn_fsdp")),
         "sharding_rules",
-        *(f"model.remat{k}" for k in ("", "_vision", "_text", "_decoder")),
+        "model.remat", "model.vision.remat", "model.text.remat", "model.decoder.remat",
         "train.microbatches",
         "optimizer.offload_state",
         *(f"data.{k}" for k in ("workers", "num_threads", "prefetch")),
@@ -539,7 +540,9 @@ def test_two_process_checkpoint_continues_in_one_process(runs, cache_dir, tmp_pa
     """The 2-process run (2 x 4 devices) at its step-4 checkpoint: a 2-process start refused by
     process 0 (workdir locked) stops both processes; continued by one process on one device,
     steps 5-8 log the losses of the 2-process run itself and of the 1-device run (the data
-    position is the step; each process only read its rows of the global batch)."""
+    position is the step; each process only read its rows of the global batch). Its
+    config.json is first rewritten with the flat model keys of runs saved before the per-tower
+    grouping: such a run still resumes."""
     source, _ = runs.get("two_processes")
     workdir = tmp_path / "run"
     continue_copy(source, workdir, HALF)
@@ -557,8 +560,14 @@ def test_two_process_checkpoint_continues_in_one_process(runs, cache_dir, tmp_pa
     assert f"[p1] error: process 0 refused to start in {workdir} (see its error)" in output
     lock.unlink()
 
+    # As if written before the per-tower model grouping (flat model.vit_width, ...): the
+    # run resumes as the same config, and config.json is rewritten grouped.
+    saved = json.loads((workdir / "config.json").read_text())
+    saved["model"] = legacy_flat(saved["model"])
+    (workdir / "config.json").write_text(json.dumps(saved))
     mesh_1 = ["--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.tensor=1"]
     resumed = train(workdir, cache_dir, *mesh_1)
+    assert "vision" in json.loads((workdir / "config.json").read_text())["model"]
     assert f"resumed from {workdir / 'checkpoints'}/{HALF}" in resumed.stdout
     assert "mesh {'data': 1, 'fsdp': 1, 'tensor': 1} on 1 cpu devices" in resumed.stdout
     assert_continues(workdir, {"two_processes": source, "straight": runs.get("straight")[0]}, 1e-4)

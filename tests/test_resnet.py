@@ -1,4 +1,4 @@
-"""The ResNet image encoder (model.image_encoder='resnet', mmjax/models/resnet.py).
+"""The ResNet image encoder (model.vision.encoder='resnet', mmjax/models/resnet.py).
 
 Shapes and stems are checked by tracing only (jax.eval_shape); the 8-device checks (sharded
 init, sharded forward == 1-device forward) run in one subprocess with forced host devices, as
@@ -32,19 +32,19 @@ from tests.runs import run_with_devices
 from tests.test_model_sharding import KNOWN_NAMES
 
 CONFIG = "configs/coca.py:size=tiny"
-SMALL = dict(image_encoder="resnet", resnet_blocks=(1, 1, 1, 1), resnet_width=4)
+SMALL = {"vision.encoder": "resnet", "vision.resnet_blocks": (1, 1, 1, 1), "vision.resnet_width": 4}
 SMALL_FLAGS = [
-    "--config.model.image_encoder=resnet",
-    "--config.model.resnet_blocks=(1, 1, 1, 1)",
-    "--config.model.resnet_width=4",
+    "--config.model.vision.encoder=resnet",
+    "--config.model.vision.resnet_blocks=(1, 1, 1, 1)",
+    "--config.model.vision.resnet_width=4",
 ]
 # Shorter compiles for the tests that compile a whole CoCa (compiling the init costs about a
 # second per randomly initialised kernel on CPU): 2 stages, one text and one decoder layer.
-SHORT = ["model.resnet_blocks=(1, 1)", "model.text_layers=1", "model.decoder_layers=1"]
+SHORT = ["model.vision.resnet_blocks=(1, 1)", "model.text.layers=1", "model.decoder.layers=1"]
 
 
-def _cfg(**overrides) -> ModelConfig:
-    cfg = ModelConfig.from_mapping({**SIZES["tiny"], **SMALL, **overrides})
+def _cfg(overrides=None) -> ModelConfig:
+    cfg = ModelConfig.sized("tiny", {**SMALL, **(overrides or {})})
     cfg.validate()
     return cfg
 
@@ -76,15 +76,15 @@ def _is_norm(path: str) -> bool:
 
 @pytest.mark.parametrize("fusion", ["cross_attention", "late"])
 def test_tower_returns_pooled_vector_and_caption_tokens(fusion):
-    cfg = _cfg(fusion=fusion)
+    cfg = _cfg({"decoder.fusion": fusion})
     params, (pooled, caption_tokens) = _encoder_params(cfg, batch=3)
-    assert pooled.shape == (3, cfg.vit_width)
+    assert pooled.shape == (3, cfg.vision.width)
     assert pooled.dtype == jnp.float32
     if fusion == "late":
         assert caption_tokens is None
         assert "caption_pool" not in params  # Not built: nothing would read it.
     else:
-        assert caption_tokens.shape == (3, cfg.caption_queries, cfg.vit_width)
+        assert caption_tokens.shape == (3, cfg.vision.caption_queries, cfg.vision.width)
         assert "caption_pool" in params
     assert set(params) >= {"stem_conv", "stem_norm", "token_proj", "pos_embed"}
 
@@ -103,24 +103,26 @@ def test_tower_returns_pooled_vector_and_caption_tokens(fusion):
     ],
 )
 def test_feature_map_size_for_each_stem(stem, image_size, blocks, layout, grid):
-    cfg = _cfg(resnet_stem=stem, image_size=image_size, resnet_blocks=blocks)
+    cfg = _cfg(
+        {"vision.resnet_stem": stem, "image_size": image_size, "vision.resnet_blocks": blocks}
+    )
     assert (cfg.resnet_stem_layout, cfg.resnet_grid) == (layout, grid)
     params, (_, caption_tokens) = _encoder_params(cfg)
     # The positions cover the real last map: grid x grid image tokens.
-    assert params["pos_embed"].shape == (grid * grid, cfg.vit_width)
+    assert params["pos_embed"].shape == (grid * grid, cfg.vision.width)
     stem_kernel = params["stem_conv"]["kernel"].shape
     assert stem_kernel == ((7, 7, 3, 4) if layout == "imagenet" else (3, 3, 3, 4))
     last = f"stage{len(blocks) - 1}_block{blocks[-1] - 1}"
     assert params[last]["conv3"]["kernel"].shape[-1] == 4 * 4 * 2 ** (len(blocks) - 1)
-    assert params["token_proj"]["kernel"].shape == (16 * 2 ** (len(blocks) - 1), cfg.vit_width)
-    assert caption_tokens.shape[1] == cfg.caption_queries
+    assert params["token_proj"]["kernel"].shape == (16 * 2 ** (len(blocks) - 1), cfg.vision.width)
+    assert caption_tokens.shape[1] == cfg.vision.caption_queries
 
 
 def test_resnet50_layout_has_resnet50_parameter_count():
     # torchvision's ResNet-50 has 23,508,032 parameters without the classifier; GroupNorm has
     # as many affine parameters as BatchNorm. (The encoder adds the token projection, the
     # positions and the two poolers.)
-    cfg = _cfg(resnet_blocks=(3, 4, 6, 3), resnet_width=64, image_size=224)
+    cfg = _cfg({"vision.resnet_blocks": (3, 4, 6, 3), "vision.resnet_width": 64, "image_size": 224})
     params, _ = _encoder_params(cfg)
     trunk = {k: v for k, v in params.items() if k.startswith(("stem", "stage"))}
     assert sum(math.prod(x.shape) for x in jax.tree.leaves(trunk)) == 23_508_032
@@ -132,15 +134,18 @@ def test_resnet50_layout_has_resnet50_parameter_count():
 @pytest.mark.parametrize(
     "overrides, fragments",
     [
-        (dict(resnet_stem="imagenet"), ["model.resnet_stem='imagenet'", "1x1", "image_size=32"]),
-        (dict(image_size=16), ["model.resnet_stem='auto'", "2x2", "model.image_size=16"]),
-        (dict(resnet_width=5), ["model.resnet_width=5", "even"]),
-        (dict(vit_pool="shared_queries"), ["model.vit_pool='shared_queries'", "two_poolers"]),
+        (
+            {"vision.resnet_stem": "imagenet"},
+            ["model.vision.resnet_stem='imagenet'", "1x1", "image_size=32"],
+        ),
+        (dict(image_size=16), ["model.vision.resnet_stem='auto'", "2x2", "model.image_size=16"]),
+        ({"vision.resnet_width": 5}, ["model.vision.resnet_width=5", "even"]),
+        ({"vision.pool": "shared_queries"}, ["model.vision.pool='shared_queries'", "two_poolers"]),
     ],
 )
 def test_bad_resnet_layouts_raise_one_line_errors(overrides, fragments):
     with pytest.raises(ValueError) as info:
-        _cfg(**overrides)
+        _cfg(overrides)
     message = str(info.value)
     assert "\n" not in message
     for fragment in fragments:
@@ -296,12 +301,12 @@ def test_train_steps_on_a_fixed_batch_reduce_the_loss():
 
 
 def test_config_loader_accepts_resnet():
-    _, overrides = split_config_flags(["--config.model.image_encoder=resnet"])
+    _, overrides = split_config_flags(["--config.model.vision.encoder=resnet"])
     config = load_config(CONFIG, overrides)
     cfg = ModelConfig.from_mapping(config.model.to_dict())
-    assert cfg.image_encoder == "resnet"
+    assert cfg.vision.encoder == "resnet"
     # Default ResNet-50 stages at 32 px: 'auto' picks the small stem, a 4x4 last map.
-    assert (cfg.resnet_blocks, cfg.resnet_stem_layout, cfg.resnet_grid) == (
+    assert (cfg.vision.resnet_blocks, cfg.resnet_stem_layout, cfg.resnet_grid) == (
         (3, 4, 6, 3),
         "small",
         4,
@@ -316,14 +321,14 @@ def test_invalid_image_encoder_is_a_one_line_cli_error(capsys, tmp_path, monkeyp
     monkeypatch.setattr(Run, "create_state", forbidden)
     monkeypatch.setattr(Run, "compile_step", forbidden)
     workdir = tmp_path / "run"
-    argv = ["--config", CONFIG, "--workdir", str(workdir), "--config.model.image_encoder=cnn"]
+    argv = ["--config", CONFIG, "--workdir", str(workdir), "--config.model.vision.encoder=cnn"]
     assert train.main(argv) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1, errors
-    assert "model.image_encoder='cnn'" in errors[0] and "'resnet'" in errors[0], errors[0]
+    assert "model.vision.encoder='cnn'" in errors[0] and "'resnet'" in errors[0], errors[0]
     assert not (workdir / "checkpoints").exists()
-    with pytest.raises(ConfigError, match=r"model\.resnet_stem='imagenet' .* 1x1"):
-        load_config(CONFIG, ["model.image_encoder=resnet", "model.resnet_stem=imagenet"])
+    with pytest.raises(ConfigError, match=r"model\.vision.resnet_stem='imagenet' .* 1x1"):
+        load_config(CONFIG, ["model.vision.encoder=resnet", "model.vision.resnet_stem=imagenet"])
 
 
 def test_encoder_ablation_variants_are_valid_and_comparable():
@@ -333,6 +338,6 @@ def test_encoder_ablation_variants_are_valid_and_comparable():
     counts = {}
     for name, deltas in sweep.items():
         config = load_config(spec, variant_overrides(deltas))
-        assert config.model.image_encoder == name
+        assert config.model.vision.encoder == name
         counts[name] = parameter_count(config)
     assert abs(counts["resnet"] / counts["vit"] - 1) < 0.05, counts

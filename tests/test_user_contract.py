@@ -149,7 +149,7 @@ def test_a_restore_that_fails_for_another_reason_sets_nothing_aside(tree, runs, 
     # Another model under the same workdir (let through by allow_config_change): its
     # parameters do not fit the checkpoint, which is not damaged and must stay as it is.
     args = train_args("runs/straight", "--config.allow_config_change=True",
-                      "--config.model.vit_mlp_dim=128")  # fmt: skip
+                      "--config.model.vision.mlp_dim=128")  # fmt: skip
     proc = run_cli(tree, cache_dir, "mmjax.train", *args)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stdout + proc.stderr

@@ -295,10 +295,16 @@ def test_clip_and_image_sources_must_match_the_model(overrides, message, tmp_pat
     "variant, tokens",
     [
         (dict(), T + T * 16),  # temporal tokens, then each frame's 16 caption tokens
-        (dict(video_layers=0), T + T * 16),  # time embedding and pooling only
-        (dict(vit_pool="shared_queries", pool_width=32, pool_heads=4), T + T * 16),
-        (dict(fusion="late"), None),  # the frame encoder gives no caption tokens
-        (dict(image_encoder="resnet", resnet_blocks=(1, 1), resnet_width=8), T + T * 16),
+        ({"video.layers": 0}, T + T * 16),  # time embedding and pooling only
+        (
+            {"vision.pool": "shared_queries", "vision.pool_width": 32, "vision.pool_heads": 4},
+            T + T * 16,
+        ),
+        ({"decoder.fusion": "late"}, None),  # the frame encoder gives no caption tokens
+        (
+            {"vision.encoder": "resnet", "vision.resnet_blocks": (1, 1), "vision.resnet_width": 8},
+            T + T * 16,
+        ),
     ],
 )
 def test_video_tower_keeps_the_image_towers_contract(variant, tokens):
@@ -311,8 +317,8 @@ def test_video_tower_keeps_the_image_towers_contract(variant, tokens):
     from mmjax.models.config import SIZES, ModelConfig
     from mmjax.models.registry import image_tower
 
-    cfg = ModelConfig.from_mapping(
-        dict(SIZES["tiny"], input_kind="video", video_frames=T, image_size=16, **variant)
+    cfg = ModelConfig.sized(
+        "tiny", {"input_kind": "video", "video.frames": T, "image_size": 16, **variant}
     )
     cfg.validate()
     clips = jnp.zeros((2, T, 16, 16, 3), jnp.uint8)
@@ -329,7 +335,7 @@ def test_video_tower_keeps_the_image_towers_contract(variant, tokens):
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), clips, text)
     logits = jax.eval_shape(model.apply, params, clips, text)["logits"]
     assert logits.shape == (2, cfg.context_length - 1, cfg.vocab_size)
-    with pytest.raises(ValueError, match=r"\(2, 3, 16, 16, 3\).*video_frames=4"):
+    with pytest.raises(ValueError, match=r"\(2, 3, 16, 16, 3\).*video\.frames=4"):
         jax.eval_shape(model.apply, params, clips[:, :3], text)
 
 
@@ -348,8 +354,8 @@ from mmjax.training.step import batch_shardings
 from mmjax.training.state import dummy_batch
 
 assert jax.device_count() == 8
-cfg = ModelConfig.from_mapping(dict(SIZES["tiny"], input_kind="video", video_frames=4,
-    image_size=16, context_length=10, vit_layers=1, text_layers=1, decoder_layers=1))
+cfg = ModelConfig.sized("tiny", {"input_kind": "video", "video.frames": 4, "image_size": 16,
+    "context_length": 10, "vision.layers": 1, "text.layers": 1, "decoder.layers": 1})
 model = CoCa(cfg)
 rng = np.random.default_rng(0)
 clips = rng.integers(0, 256, (8, 4, 16, 16, 3), dtype=np.uint8)
@@ -431,8 +437,8 @@ def test_clip_batches_shard_like_images():
 TRAIN_STEPS = 300
 EVAL_CLIPS = 128
 TRAIN_OVERRIDES = [
-    "model.patch_size=8",
-    "model.caption_queries=4",
+    "model.vision.patch_size=8",
+    "model.vision.caption_queries=4",
     "model.context_length=10",
     "model.scan_layers=False",  # Compiles in 2/3 of the time at this depth.
     "log_every=100",

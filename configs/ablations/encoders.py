@@ -5,7 +5,7 @@
 
 Each variant trains in runs/ablate_encoders/<variant>; runs/ablate_encoders/summary.md and
 the plots compare them. The base is configs/coca.py (same arguments: size, steps, batch);
-only model.image_encoder and the ResNet's shape change, the text towers, poolers
+only model.vision.encoder and the ResNet's shape change, the text towers, poolers
 (1 contrastive + caption_queries caption queries), losses and optimizer are shared:
 
 - vit: the tiny ViT (32 px, 4 px patches: 64 tokens, 2 layers of width 64);
@@ -14,8 +14,8 @@ only model.image_encoder and the ResNet's shape change, the text towers, poolers
   channels, 16-128 out), with the small stem (one 3x3/1 conv, no pool) so that 32 px
   images leave a 4x4 map: 16 image tokens, projected to width 64 for the same poolers.
 
-The ResNet settings are sized for size=tiny: at other sizes set model.resnet_width (64 is
-ResNet-50) and model.resnet_stem='auto' on the command line.
+The ResNet settings are sized for size=tiny: at other sizes set model.vision.resnet_width (64 is
+ResNet-50) and model.vision.resnet_stem='auto' on the command line.
 
 Measured at size=tiny (batch 64, one process, f32, jit of mmjax.train.train_step; on a shared
 2-CPU machine under load average 5-6, so the times are rough; not yet trained for 800 steps,
@@ -47,11 +47,11 @@ def get_config(arg=None):
 
 def get_sweep():
     return {
-        "vit": {"model.image_encoder": "vit"},
+        "vit": {"model.vision.encoder": "vit"},
         "resnet": {
-            "model.image_encoder": "resnet",
-            "model.resnet_blocks": (3, 4, 6, 3),
-            "model.resnet_width": 4,
-            "model.resnet_stem": "small",
+            "model.vision.encoder": "resnet",
+            "model.vision.resnet_blocks": (3, 4, 6, 3),
+            "model.vision.resnet_width": 4,
+            "model.vision.resnet_stem": "small",
         },
     }

@@ -1,12 +1,12 @@
-"""Fusion ablation: how the captioning decoder reads the image (model.fusion).
+"""Fusion ablation: how the captioning decoder reads the image (model.decoder.fusion).
 
   python -m mmjax.tools.sweep --config configs/ablations/fusion.py:size=tiny,steps=800 \
       --workdir runs/ablate_fusion
 
 Each variant trains in runs/ablate_fusion/<variant>; runs/ablate_fusion/summary.md and the
 plots compare them. The base is configs/coca.py (same arguments: size, steps, batch) with
-its CoCa loss (contrastive + captioning); only model.fusion changes, and every variant's
-decoder has model.decoder_layers blocks:
+its CoCa loss (contrastive + captioning); only model.decoder.fusion changes, and every variant's
+decoder has model.decoder.layers blocks:
 
 - cross_attention: CoCa's decoder, causal self-attention plus cross-attention to the image
   tower's N caption tokens in every block (the default);
@@ -38,7 +38,7 @@ def get_config(arg=None):
 
 def get_sweep():
     return {
-        "cross_attention": {"model.fusion": "cross_attention"},
-        "early": {"model.fusion": "early"},
-        "late": {"model.fusion": "late"},
+        "cross_attention": {"model.decoder.fusion": "cross_attention"},
+        "early": {"model.decoder.fusion": "early"},
+        "late": {"model.decoder.fusion": "late"},
     }

@@ -202,7 +202,7 @@ def compile_scaling(config, depths: list[int]) -> dict:
     seconds = {}
     for depth in depths:
         cfg = config.copy_and_resolve_references()
-        cfg.model.vit_layers = cfg.model.text_layers = cfg.model.decoder_layers = depth
+        cfg.model.vision.layers = cfg.model.text.layers = cfg.model.decoder.layers = depth
         run = build_run(cfg)
         start = time.perf_counter()
         run.compile_step()

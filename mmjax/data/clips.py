@@ -33,7 +33,7 @@ _NPY_MAGIC = b"\x93NUMPY"
 def sample_indices(count: int, frames: int) -> list[int]:
     """`frames` indices spread uniformly over `count` frames (all of them when equal)."""
     if count < frames:
-        raise BadSample("too_few_frames", f"{count} frames, model.video_frames={frames}")
+        raise BadSample("too_few_frames", f"{count} frames, model.video.frames={frames}")
     return [(2 * i + 1) * count // (2 * frames) for i in range(frames)]
 
 
@@ -66,7 +66,7 @@ def read_frame_folder(folder: str, frames: int, read_file) -> list[bytes]:
     names = frame_files(folder)
     if len(names) < frames:
         raise BadSample(
-            "too_few_frames", f"{folder}: {len(names)} frame files, model.video_frames={frames}"
+            "too_few_frames", f"{folder}: {len(names)} frame files, model.video.frames={frames}"
         )
     return [read_file(os.path.join(folder, names[i])) for i in sample_indices(len(names), frames)]
 
@@ -86,7 +86,7 @@ def load_clip(
         return _decoded_array(data, options)
     if isinstance(data, list | tuple):
         if len(data) < frames:
-            raise BadSample("too_few_frames", f"{len(data)} frames, model.video_frames={frames}")
+            raise BadSample("too_few_frames", f"{len(data)} frames, model.video.frames={frames}")
         images = [_decode_frame(data[i], options) for i in sample_indices(len(data), frames)]
         return _preprocess(images, options, rng)
     if not isinstance(data, bytes | bytearray | memoryview):

@@ -26,7 +26,7 @@ REASONS = (
     "corrupt_image",  # truncated or corrupt encoded data
     "unknown_format",  # not an image format PIL can identify
     "too_many_pixels",  # width * height over data.max_image_pixels (decompression bomb)
-    "too_few_frames",  # a clip with fewer frames than model.video_frames
+    "too_few_frames",  # a clip with fewer frames than model.video.frames
     "truncated_member",  # a tar member cut short: its shard ends inside it
     "empty_caption",  # missing, empty or whitespace-only caption
     "caption_not_utf8",  # caption bytes are not valid UTF-8

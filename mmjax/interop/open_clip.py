@@ -141,21 +141,23 @@ def model_config(oc: Mapping[str, Any]) -> ModelConfig:
     std = tuple(oc.get("preprocess_cfg", {}).get("std", OPENAI_STD))
     fields: dict[str, Any] = dict(
         image_size=int(v["image_size"]),
-        patch_size=int(v["patch_size"]),
-        vit_width=int(v["width"]),
-        vit_layers=int(v["layers"]),
-        vit_heads=int(v["width"]) // int(v["head_width"]),
-        vit_mlp_dim=int(v["mlp_ratio"] * v["width"]),
+        **{
+            "vision.patch_size": int(v["patch_size"]),
+            "vision.width": int(v["width"]),
+            "vision.layers": int(v["layers"]),
+            "vision.heads": int(v["width"]) // int(v["head_width"]),
+            "vision.mlp_dim": int(v["mlp_ratio"] * v["width"]),
+            "vision.class_token": True,
+            "vision.ln_pre": True,
+            "text.width": int(t["width"]),
+            "text.layers": int(t["layers"]),
+            "text.heads": int(t["heads"]),
+            "text.mlp_dim": int(t["mlp_ratio"] * t["width"]),
+        },
         vocab_size=int(t["vocab_size"]),
-        text_width=int(t["width"]),
-        text_layers=int(t["layers"]),
-        text_heads=int(t["heads"]),
-        text_mlp_dim=int(t["mlp_ratio"] * t["width"]),
         embed_dim=embed_dim,
         norm_eps=1e-5,
         mlp_activation="quick_gelu" if oc.get("quick_gelu", False) else "gelu",
-        vit_class_token=True,
-        vit_ln_pre=True,
         init_logit_scale=float(oc.get("init_logit_scale", math.log(1 / 0.07))),
         init_logit_bias=float(oc.get("init_logit_bias") or 0.0),
         image_mean=mean,
@@ -180,24 +182,25 @@ def model_config(oc: Mapping[str, Any]) -> ModelConfig:
             raise ConversionError("open_clip config: CoCa needs text_cfg.mlp_ratio=4")
         fields.update(
             context_length=int(t["context_length"]) + 1,  # + the CLS slot.
-            decoder_layers=int(m["layers"]),
-            caption_queries=int(v.get("attn_pooler_queries", 256)) - 1,
-            vit_pool="shared_queries",
-            pool_width=embed_dim,
-            pool_heads=int(v.get("attn_pooler_heads", 8)),
-            text_pool="cls",
-            text_mask="open_clip",
-            decoder_block="split",
             captioning=True,
+            **{
+                "decoder.layers": int(m["layers"]),
+                "decoder.block": "split",
+                "vision.caption_queries": int(v.get("attn_pooler_queries", 256)) - 1,
+                "vision.pool": "shared_queries",
+                "vision.pool_width": embed_dim,
+                "vision.pool_heads": int(v.get("attn_pooler_heads", 8)),
+                "text.pool": "cls",
+                "text.mask": "open_clip",
+            },
         )
     else:
         fields.update(
             context_length=int(t["context_length"]),
-            vit_pool="class_token",
-            text_pool="argmax",
             captioning=False,
+            **{"vision.pool": "class_token", "text.pool": "argmax"},
         )
-    cfg = ModelConfig(**fields)
+    cfg = ModelConfig().replace(fields)
     try:
         cfg.validate()
     except ValueError as e:
@@ -291,7 +294,7 @@ def _rules(cfg: ModelConfig, text_prefix: str) -> list[_Rule]:
         linear(f"{src}.mlp.c_proj", mlp, width, f"{target}/{names[3]}/fc2", layer)
 
     # Image tower.
-    w, p = cfg.vit_width, cfg.patch_size
+    w, p = cfg.vision.width, cfg.vision.patch_size
     img = "image_encoder"
     # conv [W, 3, P, P] -> kernel [(row, col, channel), W], mmjax's patch order.
     add("visual.conv1.weight", (w, 3, p, p), f"{img}/patch_embed/kernel",
@@ -300,16 +303,16 @@ def _rules(cfg: ModelConfig, text_prefix: str) -> list[_Rule]:
     add("visual.class_embedding", (w,), f"{img}/cls_token")
     add("visual.positional_embedding", (cfg.vit_positions, w), f"{img}/pos_embed")
     norm("visual.ln_pre", w, f"{img}/ln_pre")
-    for i in range(cfg.vit_layers):
-        block(f"visual.transformer.resblocks.{i}", w, cfg.vit_heads, cfg.vit_mlp_dim,
+    for i in range(cfg.vision.layers):
+        block(f"visual.transformer.resblocks.{i}", w, cfg.vision.heads, cfg.vision.mlp_dim,
               f"{img}/blocks/layers", i)  # fmt: skip
     e = cfg.embed_dim
-    if cfg.vit_pool == "shared_queries":
-        q = cfg.pool_width
-        add("visual.attn_pool.query", (cfg.caption_queries + 1, q), f"{img}/pool/queries")
+    if cfg.vision.pool == "shared_queries":
+        q = cfg.vision.pool_width
+        add("visual.attn_pool.query", (cfg.vision.caption_queries + 1, q), f"{img}/pool/queries")
         norm("visual.attn_pool.ln_q", q, f"{img}/pool/ln_queries")
         norm("visual.attn_pool.ln_k", w, f"{img}/pool/ln_context")
-        cross_attention("visual.attn_pool.attn", q, w, cfg.pool_heads, f"{img}/pool/attn")
+        cross_attention("visual.attn_pool.attn", q, w, cfg.vision.pool_heads, f"{img}/pool/attn")
         norm("visual.ln_post", q, f"{img}/pool/ln_out")
         add("visual.proj", (q, e), "image_proj/kernel")
     else:
@@ -317,14 +320,14 @@ def _rules(cfg: ModelConfig, text_prefix: str) -> list[_Rule]:
         add("visual.proj", (w, e), "image_proj/kernel")
 
     # Text tower.
-    tw, tp = cfg.text_width, text_prefix
+    tw, tp = cfg.text.width, text_prefix
     txt = "text_encoder"
     add(f"{tp}token_embedding.weight", (cfg.vocab_size, tw), f"{txt}/token_embed/embedding")
     add(f"{tp}positional_embedding", (cfg.context_length, tw), f"{txt}/pos_embed")
-    for i in range(cfg.text_layers):
-        block(f"{tp}transformer.resblocks.{i}", tw, cfg.text_heads, cfg.text_mlp_dim,
+    for i in range(cfg.text.layers):
+        block(f"{tp}transformer.resblocks.{i}", tw, cfg.text.heads, cfg.text.mlp_dim,
               f"{txt}/blocks/layers", i)  # fmt: skip
-    if cfg.text_pool == "cls":
+    if cfg.text.pool == "cls":
         add(f"{tp}cls_emb", (tw,), f"{txt}/cls")
         norm(f"{tp}ln_final", tw, f"{txt}/ln_cls")
     else:
@@ -334,17 +337,17 @@ def _rules(cfg: ModelConfig, text_prefix: str) -> list[_Rule]:
     # Multimodal decoder.
     if cfg.captioning:
         dec = "decoder/blocks/layers"
-        for i in range(cfg.decoder_layers):
+        for i in range(cfg.decoder.layers):
             names = ("ln_self", "self_attn", "ln_self_mlp", "self_mlp")
-            block(f"text_decoder.resblocks.{i}", tw, cfg.text_heads, cfg.text_mlp_dim, dec, i,
+            block(f"text_decoder.resblocks.{i}", tw, cfg.text.heads, cfg.text.mlp_dim, dec, i,
                   names)  # fmt: skip
             src = f"text_decoder.cross_attn.{i}"
             norm(f"{src}.ln_1", tw, f"{dec}/ln_cross", i)
             norm(f"{src}.ln_1_kv", tw, f"{dec}/ln_context", i)
-            cross_attention(f"{src}.attn", tw, tw, cfg.text_heads, f"{dec}/cross_attn", i)
+            cross_attention(f"{src}.attn", tw, tw, cfg.text.heads, f"{dec}/cross_attn", i)
             norm(f"{src}.ln_2", tw, f"{dec}/ln_mlp", i)
-            linear(f"{src}.mlp.c_fc", tw, cfg.text_mlp_dim, f"{dec}/mlp/fc1", i)
-            linear(f"{src}.mlp.c_proj", cfg.text_mlp_dim, tw, f"{dec}/mlp/fc2", i)
+            linear(f"{src}.mlp.c_fc", tw, cfg.text.mlp_dim, f"{dec}/mlp/fc1", i)
+            linear(f"{src}.mlp.c_proj", cfg.text.mlp_dim, tw, f"{dec}/mlp/fc2", i)
         norm("text_decoder.ln_final", tw, "decoder/ln_final")
         add("text_decoder.text_projection", (tw, cfg.vocab_size), "decoder/lm_head/kernel")
         add((), (), "decoder/lm_head/bias", lambda: np.zeros(cfg.vocab_size, np.float32))

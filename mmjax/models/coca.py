@@ -6,11 +6,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.models import registry
 from mmjax.models.config import ModelConfig
-from mmjax.models.fusion import PrefixLMDecoder
 from mmjax.models.layers import Dense, partitioned
-from mmjax.models.registry import image_tower
-from mmjax.models.text import MultimodalDecoder, TextEncoder
 
 Array = jax.Array
 
@@ -24,7 +22,7 @@ class CoCa(nn.Module):
     """The whole model. `tokens` are full captions [B, L]: BOS ... EOS PAD...
 
     The text towers read tokens[:, :-1] (so the CLS slot makes L positions) and
-    the decoder predicts tokens[:, 1:] (teacher forcing). model.fusion picks the
+    the decoder predicts tokens[:, 1:] (teacher forcing). model.decoder.fusion picks the
     decoder: cross-attention to the caption tokens (MultimodalDecoder), or a
     prefix-LM stack over [image prefix; text] (fusion.PrefixLMDecoder: the caption
     tokens for 'early', the pooled image vector for 'late').
@@ -35,13 +33,10 @@ class CoCa(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.image_encoder = image_tower(cfg)
-        self.text_encoder = TextEncoder(cfg, decode=self.decode)
+        self.image_encoder = registry.image_tower(cfg)
+        self.text_encoder = registry.text_encoder(cfg, decode=self.decode)
         if cfg.captioning:  # Plain CLIP has no decoder.
-            if cfg.fusion == "cross_attention":
-                self.decoder = MultimodalDecoder(cfg, decode=self.decode)
-            else:
-                self.decoder = PrefixLMDecoder(cfg, decode=self.decode)
+            self.decoder = registry.decoder(cfg, decode=self.decode)
         self.image_proj = Dense(cfg, cfg.embed_dim, ("embed", "joint"), "image_proj", False)
         self.text_proj = Dense(cfg, cfg.embed_dim, ("embed", "joint"), "text_proj", False)
         self.logit_scale = self.param(
@@ -60,11 +55,11 @@ class CoCa(nn.Module):
     def encode_image(self, images: Array) -> tuple[Array, Array | None]:
         """-> (L2-normalised embedding [B, E] in f32, caption tokens [B, N, W] or None).
 
-        The second value is what the decoder reads about the image; with model.fusion='late'
+        The second value is what the decoder reads about the image; with model.decoder.fusion='late'
         that is the pooled vector before image_proj, as one token [B, 1, W] (the towers then
         build no caption pooler)."""
         pooled, caption_tokens = self.image_encoder(images)
-        if self.cfg.fusion == "late" and self.cfg.captioning:
+        if self.cfg.captioning and not self.cfg.caption_tokens_from_tower:
             caption_tokens = pooled[:, None]
         return l2_normalise(self.image_proj(pooled)), caption_tokens
 
@@ -72,7 +67,7 @@ class CoCa(nn.Module):
         """-> (L2-normalised embedding [B, E] in f32, token features [B, L-1, W]).
 
         With text_pool='argmax' (CLIP) the encoder reads all L tokens (no CLS slot)."""
-        if self.cfg.text_pool == "argmax":
+        if self.cfg.text.pool == "argmax":
             cls, features = self.text_encoder(tokens)
         else:
             cls, features = self.text_encoder(tokens[:, :-1])

@@ -1,10 +1,10 @@
 """Model FLOPs per train step (analytic) and the peak they are measured against.
 
-XLA's cost analysis counts a scanned loop body once, so with scan over
-layers it undercounts by the depth; we count matmuls analytically instead
-(a test checks the count against the cost analysis of the unrolled model).
-Convention as in MaxText/PaLM: 2*m*n*k per matmul, attention scores and
-values included (halved when causal), x3 for forward + backward, no
+XLA's cost analysis counts a scanned loop body once, so with scan over layers it
+undercounts by the depth; the chosen modules count their matmuls analytically instead
+(`forward_flops`, with the terms of mmjax.models.matmul_flops; a test checks the sum against
+the cost analysis of the unrolled model). Convention as in MaxText/PaLM: 2*m*n*k per matmul,
+attention scores and values included (halved when causal), x3 for forward + backward, no
 rematerialisation.
 """
 
@@ -18,119 +18,37 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from mmjax.models import registry
 from mmjax.models.config import ModelConfig
-
-
-def _block(tokens: int, width: int, mlp: int, attn_keys: float) -> float:
-    """Self-attention block: qkv + out projections, scores + values, MLP."""
-    proj = 4 * tokens * width * width
-    attention = 2 * tokens * attn_keys * width
-    return 2 * (proj + attention + 2 * tokens * width * mlp)
-
-
-def _cross(
-    queries: int, keys: int, width: int, kv_width: int, shared_queries: bool = False
-) -> float:
-    """Cross-attention; learned (shared) queries are projected once per batch, not per example."""
-    q_proj = 0 if shared_queries else queries * width * width
-    proj = q_proj + queries * width * width + 2 * keys * kv_width * width
-    return 2 * (proj + 2 * queries * keys * width)
-
-
-def _vit_trunk(cfg: ModelConfig) -> tuple[float, int]:
-    """Patch embedding + blocks -> (FLOPs, image tokens)."""
-    tokens, wv = cfg.vit_positions, cfg.vit_width
-    flops = 2 * cfg.num_patches * (cfg.patch_size**2 * 3) * wv
-    return flops + cfg.vit_layers * _block(tokens, wv, cfg.vit_mlp_dim, tokens), tokens
-
-
-def _resnet_trunk(cfg: ModelConfig) -> tuple[float, int]:
-    """Convolutions of mmjax/models/resnet.py + the token projection -> (FLOPs, tokens)."""
-    side = cfg.image_size
-    width = cfg.resnet_width
-    if cfg.resnet_stem_layout == "imagenet":
-        side = -(-side // 2)
-        flops = 2 * side * side * 7 * 7 * 3 * width
-        side = -(-side // 2)  # Max-pool: no FLOPs counted.
-    else:
-        flops = 2 * side * side * 3 * 3 * 3 * width
-    channels = width
-    for stage, blocks in enumerate(cfg.resnet_blocks):
-        inner = width * 2**stage
-        for i in range(blocks):
-            out_side = -(-side // 2) if stage > 0 and i == 0 else side
-            flops += 2 * side * side * channels * inner  # 1x1 reduce.
-            flops += 2 * out_side * out_side * 9 * inner * inner  # 3x3 (the stride).
-            flops += 2 * out_side * out_side * inner * 4 * inner  # 1x1 expand.
-            if channels != 4 * inner or out_side != side:  # Projection shortcut.
-                flops += 2 * out_side * out_side * channels * 4 * inner
-            side, channels = out_side, 4 * inner
-    tokens = side * side
-    return flops + 2 * tokens * channels * cfg.vit_width, tokens
-
-
-def _caption_tokens(cfg: ModelConfig) -> int:
-    """How many image tokens the caption decoder reads (CoCa.encode_image's second value)."""
-    if cfg.fusion == "late":
-        return 1
-    if cfg.input_kind == "video":
-        return cfg.video_frames * (1 + cfg.caption_queries)
-    return cfg.caption_queries
 
 
 def image_flops_per_example(cfg: ModelConfig, *, with_captioning: bool = True) -> float:
     """Forward FLOPs of the image side for one image or clip, the caption pooler included
     only when a decoder reads its tokens (unused, XLA drops it)."""
-    trunk = _resnet_trunk if cfg.image_encoder == "resnet" else _vit_trunk
-    flops, tokens = trunk(cfg)
-    wv = cfg.vit_width
-    flops += _cross(1, tokens, wv, wv, shared_queries=True)  # Contrastive pooler.
-    if with_captioning and cfg.fusion != "late":
-        flops += _cross(cfg.caption_queries, tokens, wv, wv, shared_queries=True)
-    if cfg.input_kind != "video":
-        return float(flops)
-    frames = cfg.video_frames  # Every frame through the same tower, then over time.
-    flops *= frames
-    flops += cfg.video_layers * _block(frames, wv, cfg.vit_mlp_dim, frames)
-    return float(flops + _cross(1, frames, wv, wv, shared_queries=True))
+    flops, _ = registry.image_tower_class(cfg).forward_flops(cfg, with_captioning)
+    return float(flops)
+
+
+def _caption_tokens(cfg: ModelConfig) -> int:
+    """How many image tokens the caption decoder reads (CoCa.encode_image's second value)."""
+    if not cfg.caption_tokens_from_tower:
+        return 1  # The pooled vector.
+    return registry.image_tower_class(cfg).forward_flops(cfg)[1]
 
 
 def forward_flops_per_example(
     cfg: ModelConfig, *, with_captioning: bool = True, causal_discount: bool = True
 ) -> float:
-    """Forward matmul FLOPs for one image-caption pair."""
-    wv, wt = cfg.vit_width, cfg.text_width
-    half = 0.5 if causal_discount else 1.0
+    """Forward matmul FLOPs for one image-caption pair: the chosen towers' own counts plus
+    the two projections into the joint space."""
+    causal = 0.5 if causal_discount else 1.0
     flops = image_flops_per_example(cfg, with_captioning=with_captioning)
-    t_enc = cfg.context_length  # L-1 tokens + CLS.
-    flops += cfg.text_layers * _block(t_enc, wt, cfg.text_mlp_dim, t_enc * half)
-    flops += 2 * (wv + wt) * cfg.embed_dim
-    if with_captioning and cfg.fusion != "cross_attention":
-        flops += _prefix_lm_decoder(cfg, half)
-    elif with_captioning:
-        t_dec = cfg.context_length - 1
-        per_layer = _block(t_dec, wt, cfg.text_mlp_dim, t_dec * half)
-        per_layer += _cross(t_dec, _caption_tokens(cfg), wt, wv)
-        flops += cfg.decoder_layers * per_layer + 2 * t_dec * wt * cfg.vocab_size
+    flops += registry.TEXT_ENCODER_CLASSES[cfg.text.encoder].forward_flops(cfg, causal)
+    flops += 2 * (cfg.vision.width + cfg.text.width) * cfg.embed_dim
+    if with_captioning:
+        decoder = registry.DECODERS[cfg.decoder.fusion]
+        flops += decoder.forward_flops(cfg, _caption_tokens(cfg), causal)
     return float(flops)
-
-
-def _prefix_lm_decoder(cfg: ModelConfig, half: float) -> float:
-    """model.fusion early/late (mmjax/models/fusion.py): an image prefix (early: the image
-    tower's caption tokens; late: the pooled vector) projected to the text width, then one
-    self-attention stack over prefix + text; the LM head reads the text positions only."""
-    t_dec, wv, wt = cfg.context_length - 1, cfg.vit_width, cfg.text_width
-    prefix = _caption_tokens(cfg)
-    flops = 2 * prefix * wv * wt
-    length = prefix + t_dec
-    # Query-key pairs: every query sees the prefix, text queries the text causally (the
-    # discount halves the text-text part only, as for the causal towers).
-    if half < 1.0:
-        pairs = prefix * prefix + t_dec * prefix + t_dec * t_dec * half
-    else:
-        pairs = length * length
-    flops += cfg.decoder_layers * _block(length, wt, cfg.text_mlp_dim, pairs / length)
-    return flops + 2 * t_dec * wt * cfg.vocab_size
 
 
 def train_flops_per_step(

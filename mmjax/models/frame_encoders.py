@@ -1,4 +1,4 @@
-"""The encoders of one still image or video frame, chosen by model.image_encoder.
+"""The encoders of one still image or video frame, chosen by model.vision.encoder.
 
 Every one returns (pooled vector [B, W], caption tokens [B, N, W] or None), so the towers
 above them (CoCa.encode_image, the video encoder) do not care which one reads the pixels.
@@ -17,5 +17,5 @@ assert set(FRAME_ENCODERS) == set(IMAGE_ENCODERS), "config.IMAGE_ENCODERS lists 
 
 
 def frame_encoder(cfg: ModelConfig, name: str | None = None) -> nn.Module:
-    """The encoder model.image_encoder names."""
-    return FRAME_ENCODERS[cfg.image_encoder](cfg, name=name)
+    """The encoder model.vision.encoder names."""
+    return FRAME_ENCODERS[cfg.vision.encoder](cfg, name=name)

@@ -1,4 +1,4 @@
-"""The single-stream caption decoder of model.fusion='early' and 'late' (config.FUSIONS).
+"""The single-stream caption decoder of model.decoder.fusion='early' and 'late' (config.FUSIONS).
 
 Instead of CoCa's cross-attention (mmjax/models/text.py), image tokens are put in front of the
 unimodal text features and one self-attention stack reads the joint sequence under a prefix-LM
@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.models import matmul_flops
 from mmjax.models.config import ModelConfig
 from mmjax.models.layers import (
     Dense,
@@ -34,9 +35,9 @@ Array = jax.Array
 
 
 class PrefixLMDecoder(nn.Module):
-    """Image prefix + text features -> one pre-LN stack of decoder_layers blocks -> LM head.
+    """Image prefix + text features -> one pre-LN stack of decoder.layers blocks -> LM head.
 
-    __call__(text_features [B, T, text_width], image_tokens [B, N, W] or None) -> logits
+    __call__(text_features [B, T, text.width], image_tokens [B, N, W] or None) -> logits
     [B, T, vocab]. In decode mode the image tokens come on the first call only: they enter the
     self-attention KV cache together with that call's text positions (the cache is sized by
     the initialising call for N + its text length); later calls pass None and one or more
@@ -46,16 +47,33 @@ class PrefixLMDecoder(nn.Module):
     cfg: ModelConfig
     decode: bool = False
 
+    @staticmethod
+    def forward_flops(cfg: ModelConfig, image_tokens: int, causal: float) -> float:
+        """One caption: the prefix projected to text.width, one self-attention stack over
+        prefix + text, the LM head over the text positions."""
+        t_dec, wt = cfg.context_length - 1, cfg.text.width
+        flops = matmul_flops.dense(image_tokens, cfg.vision.width, wt)
+        length = image_tokens + t_dec
+        # Query-key pairs: every query sees the prefix, text queries the text causally (the
+        # discount halves the text-text part only, as for the causal towers).
+        if causal < 1.0:
+            pairs = image_tokens * image_tokens + t_dec * image_tokens + t_dec * t_dec * causal
+        else:
+            pairs = length * length
+        keys = pairs / length
+        flops += cfg.decoder.layers * matmul_flops.block(length, wt, cfg.decoder_mlp_dim, keys)
+        return flops + matmul_flops.dense(t_dec, wt, cfg.vocab_size)
+
     @nn.compact
     def __call__(self, text_features: Array, image_tokens: Array | None) -> Array:
         cfg = self.cfg
         if image_tokens is None and not self.decode:
-            raise ValueError(f"model.fusion={cfg.fusion!r} needs the image tokens")
+            raise ValueError(f"model.decoder.fusion={cfg.decoder.fusion!r} needs the image tokens")
         prefix = 0 if image_tokens is None else image_tokens.shape[1]
         x = text_features
         if image_tokens is not None:
-            # The image towers' width (vit_width, pool_width, ...) -> the text stream's width.
-            image = Dense(cfg, cfg.text_width, ("embed", "joint"), "image_to_text")(image_tokens)
+            # The image towers' width (vision.width, pool_width, ...) -> the text stream's width.
+            image = Dense(cfg, cfg.text.width, ("embed", "joint"), "image_to_text")(image_tokens)
             x = jnp.concatenate([image.astype(x.dtype), x], axis=1)
         x = constrain(x, ("batch", "length", "act_embed"))
         # Decode mode: the KV cache builds the same mask from `prefix` (layers.Attention).
@@ -63,10 +81,10 @@ class PrefixLMDecoder(nn.Module):
         x = Stack(
             cfg,
             EncoderBlock,
-            cfg.decoder_layers,
+            cfg.decoder.layers,
             dict(
-                num_heads=cfg.text_heads,
-                mlp_dim=cfg.text_mlp_dim,
+                num_heads=cfg.decoder_heads,
+                mlp_dim=cfg.decoder_mlp_dim,
                 decode=self.decode,
                 prefix=prefix,
             ),

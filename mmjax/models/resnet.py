@@ -1,16 +1,16 @@
-"""ResNet image encoder (model.image_encoder='resnet') followed by CoCa's attentional poolers.
+"""ResNet image encoder (model.vision.encoder='resnet') followed by CoCa's attentional poolers.
 
 A bottleneck ResNet in the ResNet-50 layout (v1.5: the stride sits in the 3x3 conv):
 
-- stem (model.resnet_stem, see mmjax.models.config.RESNET_STEMS): 'imagenet' = 7x7/2 conv +
+- stem (model.vision.resnet_stem, see mmjax.models.config.RESNET_STEMS): 'imagenet' = 7x7/2 conv +
   3x3/2 max-pool, 'small' = one 3x3/1 conv (no pool) for 32-64 px images, 'auto' picks;
-- len(model.resnet_blocks) stages of bottlenecks (1x1 reduce, 3x3, 1x1 expand to 4x), stage i
+- len(model.vision.resnet_blocks) stages of bottlenecks (1x1 reduce, 3x3, 1x1 expand to 4x), stage i
   with resnet_width * 2**i inner channels; every stage after the first starts with a stride-2
   block; a block whose shape changes has a projection shortcut (1x1 conv + norm);
-- the last feature map [B, h, w, C] is flattened to h*w image tokens, projected to vit_width,
+- the last feature map [B, h, w, C] is flattened to h*w image tokens, projected to vision.width,
   given learned positions and pooled exactly like the ViT's two_poolers: 1 contrastive query and
-  caption_queries caption queries (mmjax.models.vit.AttentionalPooler). With model.fusion='late'
-  the caption pooler is not built and the caption tokens are None.
+  vision.caption_queries caption queries (mmjax.models.vit.AttentionalPooler). With
+  model.decoder.fusion='late' the caption pooler is not built and the caption tokens are None.
 
 Normalisation: GroupNorm after every convolution, whose kernels are weight-standardised (BiT,
 Kolesnikov et al. 2020; big_vision's ResNets). BatchNorm would need mutable batch statistics
@@ -35,9 +35,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.models import matmul_flops
 from mmjax.models.config import ModelConfig
 from mmjax.models.layers import Dense, constrain, partitioned
-from mmjax.models.vit import AttentionalPooler, normalise_pixels
+from mmjax.models.vit import AttentionalPooler, normalise_pixels, pooler_flops
 
 Array = jax.Array
 
@@ -158,11 +159,37 @@ class Bottleneck(nn.Module):
 class ResNetEncoder(nn.Module):
     """Stem, bottleneck stages, then the ViT's two attentional poolers over the last map.
 
-    Returns the contrastive vector [B, vit_width] and the caption tokens
-    [B, caption_queries, vit_width], or None with model.fusion='late'.
+    Returns the contrastive vector [B, vision.width] and the caption tokens
+    [B, caption_queries, vision.width], or None with model.decoder.fusion='late'.
     """
 
     cfg: ModelConfig
+
+    @staticmethod
+    def forward_flops(cfg: ModelConfig, with_captioning: bool = True) -> tuple[float, int]:
+        """Forward FLOPs for one image (convolutions, token projection, poolers; max-pool and
+        norms not counted) -> (FLOPs, caption tokens)."""
+        side, width = cfg.image_size, cfg.vision.resnet_width
+        if cfg.resnet_stem_layout == "imagenet":
+            side = -(-side // 2)
+            flops = 2 * side * side * 7 * 7 * 3 * width
+            side = -(-side // 2)  # Max-pool.
+        else:
+            flops = 2 * side * side * 3 * 3 * 3 * width
+        channels = width
+        for stage, blocks in enumerate(cfg.vision.resnet_blocks):
+            inner = width * 2**stage
+            for i in range(blocks):
+                out_side = -(-side // 2) if stage > 0 and i == 0 else side
+                flops += 2 * side * side * channels * inner  # 1x1 reduce.
+                flops += 2 * out_side * out_side * 9 * inner * inner  # 3x3 (the stride).
+                flops += 2 * out_side * out_side * inner * 4 * inner  # 1x1 expand.
+                if channels != 4 * inner or out_side != side:  # Projection shortcut.
+                    flops += 2 * out_side * out_side * channels * 4 * inner
+                side, channels = out_side, 4 * inner
+        tokens = side * side
+        flops += matmul_flops.dense(tokens, channels, cfg.vision.width)
+        return flops + pooler_flops(cfg, tokens, with_captioning), cfg.vision.caption_queries
 
     @nn.compact
     def __call__(self, images: Array) -> tuple[Array, Array | None]:
@@ -172,7 +199,7 @@ class ResNetEncoder(nn.Module):
         if (h, w) != (cfg.image_size, cfg.image_size):
             raise ValueError(f"images are {h}x{w} but model.image_size={cfg.image_size}")
         x = constrain(x, ("batch", None, None, None))
-        width = cfg.resnet_width
+        width = cfg.vision.resnet_width
         if cfg.resnet_stem_layout == "imagenet":
             x = StdConv(cfg, width, 7, 2, in_axis=None, name="stem_conv")(x)
         else:
@@ -185,23 +212,25 @@ class ResNetEncoder(nn.Module):
         # Any remat policy recomputes whole blocks: the dot-based policies (minimal,
         # dots-saveable) would save nothing of a conv block anyway, so all act as 'full'.
         block = Bottleneck if cfg.remat_for("vision") == "none" else nn.remat(Bottleneck)
-        for stage, num_blocks in enumerate(cfg.resnet_blocks):
+        for stage, num_blocks in enumerate(cfg.vision.resnet_blocks):
             for i in range(num_blocks):
                 strides = 2 if stage > 0 and i == 0 else 1
                 x = block(cfg, width * 2**stage, strides, name=f"stage{stage}_block{i}")(x)
 
         b, gh, gw, c = x.shape
         # Row-parallel like an MLP's fc2: the channels arrive split over conv_out's axis.
-        x = Dense(cfg, cfg.vit_width, ("conv_out", "embed"), "token_proj")(x.reshape(b, gh * gw, c))
+        x = Dense(cfg, cfg.vision.width, ("conv_out", "embed"), "token_proj")(
+            x.reshape(b, gh * gw, c)
+        )
         pos = self.param(
             "pos_embed",
-            partitioned(nn.initializers.normal(cfg.vit_width**-0.5), (None, "embed")),
-            (gh * gw, cfg.vit_width),
+            partitioned(nn.initializers.normal(cfg.vision.width**-0.5), (None, "embed")),
+            (gh * gw, cfg.vision.width),
             cfg.weights_dtype,
         )
         x = constrain(x + pos.astype(x.dtype), ("batch", "length", "act_embed"))
         contrastive = AttentionalPooler(cfg, 1, name="contrastive_pool")(x)[:, 0]
-        if cfg.fusion == "late":  # The decoder sees the pooled embedding only.
+        if not cfg.caption_tokens_from_tower:  # The decoder sees the pooled embedding only.
             return contrastive, None
-        caption_tokens = AttentionalPooler(cfg, cfg.caption_queries, name="caption_pool")(x)
+        caption_tokens = AttentionalPooler(cfg, cfg.vision.caption_queries, name="caption_pool")(x)
         return contrastive, caption_tokens

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.models import matmul_flops
 from mmjax.models.config import ModelConfig
 from mmjax.models.layers import (
     DecoderBlock,
@@ -47,17 +48,24 @@ class TextEncoder(nn.Module):
 
     Returns (cls_features [B, W] after LayerNorm, token_features [B, T, W]).
     In decode mode no CLS is appended and positions come from a cache counter.
-    With model.text_pool='argmax' (CLIP) no CLS is appended either: every position
+    With model.text.pool='argmax' (CLIP) no CLS is appended either: every position
     is LayerNorm'd and the pooled vector is the one at the highest token id (EOS).
     """
 
     cfg: ModelConfig
     decode: bool = False
 
+    @staticmethod
+    def forward_flops(cfg: ModelConfig, causal: float) -> float:
+        """One caption: context_length positions (L-1 tokens + CLS); `causal` scales the keys
+        a query sees (0.5 counts the causal half, 1.0 the full square)."""
+        t, t_enc = cfg.text, cfg.context_length
+        return t.layers * matmul_flops.block(t_enc, t.width, t.mlp_dim, t_enc * causal)
+
     @nn.compact
     def __call__(self, tokens: Array) -> tuple[Array | None, Array]:
         cfg = self.cfg
-        width = cfg.text_width
+        width = cfg.text.width
         embed = nn.Embed(
             cfg.vocab_size,
             width,
@@ -82,7 +90,7 @@ class TextEncoder(nn.Module):
             else:
                 start.value = start.value + t
             mask = None  # The attention KV cache builds its own causal mask.
-        elif cfg.text_pool == "argmax":
+        elif cfg.text.pool == "argmax":
             x = x + pos[:t][None]
             mask = nn.make_causal_mask(jnp.ones(tokens.shape, bool), dtype=bool)
         else:
@@ -96,19 +104,19 @@ class TextEncoder(nn.Module):
                 [x, jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, width))], 1
             )
             x = x + pos[: t + 1][None]
-            mask = text_attention_mask(tokens, with_cls=True, convention=cfg.text_mask)
+            mask = text_attention_mask(tokens, with_cls=True, convention=cfg.text.mask)
         x = constrain(x, ("batch", "length", "act_embed"))
         x = Stack(
             cfg,
             EncoderBlock,
-            cfg.text_layers,
-            dict(num_heads=cfg.text_heads, mlp_dim=cfg.text_mlp_dim, decode=self.decode),
+            cfg.text.layers,
+            dict(num_heads=cfg.text.heads, mlp_dim=cfg.text.mlp_dim, decode=self.decode),
             remat=cfg.remat_for("text"),
             name="blocks",
         )(x, mask)
         if self.decode:
             return None, x
-        if cfg.text_pool == "argmax":
+        if cfg.text.pool == "argmax":
             x = LayerNorm(cfg, name="ln_final")(x)
             eos = jnp.argmax(tokens, axis=1)
             return jnp.take_along_axis(x, eos[:, None, None], axis=1)[:, 0], x
@@ -122,6 +130,15 @@ class MultimodalDecoder(nn.Module):
     cfg: ModelConfig
     decode: bool = False
 
+    @staticmethod
+    def forward_flops(cfg: ModelConfig, image_tokens: int, causal: float) -> float:
+        """One caption's decoder: causal self-attention, cross-attention to `image_tokens`
+        tokens of vision.width, MLP, and the LM head."""
+        t_dec, wt = cfg.context_length - 1, cfg.text.width
+        per_layer = matmul_flops.block(t_dec, wt, cfg.decoder_mlp_dim, t_dec * causal)
+        per_layer += matmul_flops.cross(t_dec, image_tokens, wt, cfg.vision.width)
+        return cfg.decoder.layers * per_layer + matmul_flops.dense(t_dec, wt, cfg.vocab_size)
+
     @nn.compact
     def __call__(self, text_features: Array, image_tokens: Array | None) -> Array:
         cfg = self.cfg
@@ -131,9 +148,9 @@ class MultimodalDecoder(nn.Module):
             mask = nn.make_causal_mask(jnp.ones(text_features.shape[:2], bool), dtype=bool)
         x = Stack(
             cfg,
-            SplitDecoderBlock if cfg.decoder_block == "split" else DecoderBlock,
-            cfg.decoder_layers,
-            dict(num_heads=cfg.text_heads, mlp_dim=cfg.text_mlp_dim, decode=self.decode),
+            SplitDecoderBlock if cfg.decoder.block == "split" else DecoderBlock,
+            cfg.decoder.layers,
+            dict(num_heads=cfg.decoder_heads, mlp_dim=cfg.decoder_mlp_dim, decode=self.decode),
             remat=cfg.remat_for("decoder"),
             name="blocks",
         )(text_features, mask, image_tokens)

@@ -1,8 +1,8 @@
 """Video tower: clips of T frames through the image encoder, then a temporal encoder.
 
-Every frame goes through one frame encoder (model.image_encoder; weights shared over time),
+Every frame goes through one frame encoder (model.vision.encoder; weights shared over time),
 which gives a pooled vector and caption tokens per frame. A learned time embedding marks each
-frame's place in the clip; `video_layers` bidirectional pre-LN blocks mix the T frame vectors
+frame's place in the clip; `video.layers` bidirectional pre-LN blocks mix the T frame vectors
 into temporal tokens; a one-query attentional pooler over them gives the clip embedding. The
 decoder reads the temporal tokens followed by every frame's caption tokens (time-embedded), so
 captions can use both what happens over time and what each frame shows.
@@ -17,8 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.models import matmul_flops
 from mmjax.models.config import ModelConfig
-from mmjax.models.frame_encoders import frame_encoder
+from mmjax.models.frame_encoders import FRAME_ENCODERS, frame_encoder
 from mmjax.models.layers import EncoderBlock, LayerNorm, Stack, constrain, partitioned
 from mmjax.models.vit import AttentionalPooler
 
@@ -26,20 +27,22 @@ Array = jax.Array
 
 
 def input_frames(cfg: ModelConfig) -> int:
-    """Frames per example the model reads: model.video_frames for video, 0 for still images."""
-    return cfg.video_frames if cfg.input_kind == "video" else 0
+    """Frames per example the model reads: model.video.frames for video, 0 for still images."""
+    return cfg.video.frames if cfg.input_kind == "video" else 0
 
 
 def input_shape(cfg: ModelConfig) -> tuple[int, ...]:
     """One example's pixels, without the batch: (S, S, 3), or (T, S, S, 3) for clips."""
     frame = (cfg.image_size, cfg.image_size, 3)
-    return (cfg.video_frames, *frame) if cfg.input_kind == "video" else frame
+    return (cfg.video.frames, *frame) if cfg.input_kind == "video" else frame
 
 
 def _temporal_heads(cfg: ModelConfig, width: int) -> int:
+    if cfg.video.heads:
+        return cfg.video.heads
     # The frame encoder's own head count when it divides the width (it does for the ViT
-    # poolers); a ResNet's width may not be a multiple of vit_heads.
-    for heads in (cfg.pool_heads, cfg.vit_heads):
+    # poolers); a ResNet's width may not be a multiple of vision.heads.
+    for heads in (cfg.vision.pool_heads, cfg.vision.heads):
         if heads and width % heads == 0:
             return heads
     return 1
@@ -50,14 +53,28 @@ class VideoEncoder(nn.Module):
 
     cfg: ModelConfig
 
+    @staticmethod
+    def forward_flops(cfg: ModelConfig, with_captioning: bool = True) -> tuple[float, int]:
+        """Every frame through the frame encoder, then the temporal blocks and the clip
+        pooler -> (FLOPs, caption tokens: the temporal tokens + every frame's)."""
+        frame_flops, frame_tokens = FRAME_ENCODERS[cfg.vision.encoder].forward_flops(
+            cfg, with_captioning
+        )
+        frames, width = cfg.video.frames, cfg.vision.width
+        mlp = cfg.video.mlp_dim or 4 * width
+        flops = frames * frame_flops
+        flops += cfg.video.layers * matmul_flops.block(frames, width, mlp, frames)
+        flops += matmul_flops.cross(1, frames, width, width, shared_queries=True)
+        return flops, frames * (1 + frame_tokens)
+
     @nn.compact
     def __call__(self, clips: Array) -> tuple[Array, Array | None]:
         cfg = self.cfg
-        t = cfg.video_frames
+        t = cfg.video.frames
         if clips.ndim != 5 or clips.shape[1] != t:
             raise ValueError(
                 f"clips are {tuple(clips.shape)} but model.input_kind='video' with "
-                f"model.video_frames={t} needs [batch, {t}, height, width, 3]"
+                f"model.video.frames={t} needs [batch, {t}, height, width, 3]"
             )
         b = clips.shape[0]
         # One encoder call over B*T frames: the frame encoder's weights are shared over time,
@@ -80,13 +97,13 @@ class VideoEncoder(nn.Module):
         ).astype(x.dtype)
         x = x + time
         heads = _temporal_heads(cfg, width)
-        if cfg.video_layers:
+        if cfg.video.layers:
             # Bidirectional (no mask): a clip is seen whole, as a ViT sees its patches.
-            mlp = cfg.vit_mlp_dim if width == cfg.vit_width else 4 * width
+            mlp = cfg.video.mlp_dim or 4 * width
             x = Stack(
                 cfg,
                 EncoderBlock,
-                cfg.video_layers,
+                cfg.video.layers,
                 dict(num_heads=heads, mlp_dim=mlp),
                 remat=cfg.remat_for("vision"),
                 name="blocks",

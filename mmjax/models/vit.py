@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.models import matmul_flops
 from mmjax.models.config import ModelConfig
 from mmjax.models.layers import (
     Attention,
@@ -39,7 +40,7 @@ class AttentionalPooler(nn.Module):
     cfg: ModelConfig
     num_queries: int
     width: int = 0  # Query (and output) width; 0 = the tokens' width.
-    heads: int = 0  # 0 = model.vit_heads.
+    heads: int = 0  # 0 = model.vision.heads.
     norm_queries: bool = False  # open_clip normalises the queries (ln_q).
 
     @nn.compact
@@ -57,71 +58,90 @@ class AttentionalPooler(nn.Module):
         if self.norm_queries:
             queries = LayerNorm(cfg, name="ln_queries")(queries)
         # Batch of 1: the attention projects the shared queries once, then broadcasts.
-        pooled = Attention(cfg, self.heads or cfg.vit_heads, cross=True, name="attn")(
+        pooled = Attention(cfg, self.heads or cfg.vision.heads, cross=True, name="attn")(
             queries[None], context=context
         )
         return LayerNorm(cfg, name="ln_out")(pooled)
 
 
+def pooler_flops(cfg: ModelConfig, tokens: int, with_captioning: bool) -> float:
+    """The contrastive pooler, plus the caption pooler when a decoder reads its tokens
+    (unused, XLA drops it)."""
+    width = cfg.vision.width
+    flops = matmul_flops.cross(1, tokens, width, width, shared_queries=True)
+    if with_captioning and cfg.caption_tokens_from_tower:
+        queries = cfg.vision.caption_queries
+        flops += matmul_flops.cross(queries, tokens, width, width, shared_queries=True)
+    return flops
+
+
 class ImageEncoder(nn.Module):
-    """Patch embedding, learned positions, pre-LN blocks, then the pooling of model.vit_pool.
+    """Patch embedding, learned positions, pre-LN blocks, then the pooling of model.vision.pool.
 
     Returns the contrastive vector [B, W] and the caption tokens [B, caption_queries, W]
-    (None for class_token pooling); W is vit_width, or pool_width for shared_queries.
-    With model.fusion='late' the decoder reads the pooled vector only, so no caption pooler
+    (None for class_token pooling); W is vision.width, or pool_width for shared_queries.
+    With model.decoder.fusion='late' the decoder reads the pooled vector only, so no caption pooler
     is built and the caption tokens are None (every image tower follows this rule).
     """
 
     cfg: ModelConfig
+
+    @staticmethod
+    def forward_flops(cfg: ModelConfig, with_captioning: bool = True) -> tuple[float, int]:
+        """Forward FLOPs for one image (poolers included) -> (FLOPs, caption tokens)."""
+        tokens, width = cfg.vit_positions, cfg.vision.width
+        flops = matmul_flops.dense(cfg.num_patches, cfg.vision.patch_size**2 * 3, width)
+        flops += cfg.vision.layers * matmul_flops.block(tokens, width, cfg.vision.mlp_dim, tokens)
+        return flops + pooler_flops(cfg, tokens, with_captioning), cfg.vision.caption_queries
 
     @nn.compact
     def __call__(self, images: Array) -> tuple[Array, Array | None]:
         cfg = self.cfg
         x = normalise_pixels(images, cfg)
         b, h, w, c = x.shape
-        p = cfg.patch_size
+        p = cfg.vision.patch_size
         if (h, w) != (cfg.image_size, cfg.image_size):
             raise ValueError(f"images are {h}x{w} but model.image_size={cfg.image_size}")
         # Patchify by reshape + one matmul (same as a stride-p convolution).
         x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(b, (h // p) * (w // p), p * p * c)
-        x = Dense(cfg, cfg.vit_width, ("patch", "embed"), "patch_embed")(x)
-        if cfg.vit_class_token:
+        x = Dense(cfg, cfg.vision.width, ("patch", "embed"), "patch_embed")(x)
+        if cfg.vision.class_token:
             cls = self.param(
                 "cls_token",
-                partitioned(nn.initializers.normal(cfg.vit_width**-0.5), ("embed",)),
-                (cfg.vit_width,),
+                partitioned(nn.initializers.normal(cfg.vision.width**-0.5), ("embed",)),
+                (cfg.vision.width,),
                 cfg.weights_dtype,
             )
-            cls = jnp.broadcast_to(cls.astype(x.dtype), (b, 1, cfg.vit_width))
+            cls = jnp.broadcast_to(cls.astype(x.dtype), (b, 1, cfg.vision.width))
             x = jnp.concatenate([cls, x], axis=1)
         # std 1/sqrt(width), as CLIP: position is learned far sooner than with 0.02.
         pos = self.param(
             "pos_embed",
-            partitioned(nn.initializers.normal(cfg.vit_width**-0.5), (None, "embed")),
-            (cfg.vit_positions, cfg.vit_width),
+            partitioned(nn.initializers.normal(cfg.vision.width**-0.5), (None, "embed")),
+            (cfg.vit_positions, cfg.vision.width),
             cfg.weights_dtype,
         )
         x = constrain(x + pos.astype(x.dtype), ("batch", "length", "act_embed"))
-        if cfg.vit_ln_pre:
+        if cfg.vision.ln_pre:
             x = LayerNorm(cfg, name="ln_pre")(x)
         x = Stack(
             cfg,
             EncoderBlock,
-            cfg.vit_layers,
-            dict(num_heads=cfg.vit_heads, mlp_dim=cfg.vit_mlp_dim),
+            cfg.vision.layers,
+            dict(num_heads=cfg.vision.heads, mlp_dim=cfg.vision.mlp_dim),
             remat=cfg.remat_for("vision"),
             name="blocks",
         )(x, None)
-        if cfg.vit_pool == "class_token":
+        if cfg.vision.pool == "class_token":
             return LayerNorm(cfg, name="ln_post")(x[:, 0]), None
-        late = cfg.fusion == "late"  # No caption tokens: the N caption queries would be unused.
-        if cfg.vit_pool == "shared_queries":
+        late = not cfg.caption_tokens_from_tower  # The N caption queries would be unused.
+        if cfg.vision.pool == "shared_queries":
             pooled = AttentionalPooler(
                 cfg,
-                1 if late else cfg.caption_queries + 1,
-                width=cfg.pool_width,
-                heads=cfg.pool_heads,
+                1 if late else cfg.vision.caption_queries + 1,
+                width=cfg.vision.pool_width,
+                heads=cfg.vision.pool_heads,
                 norm_queries=True,
                 name="pool",
             )(x)
@@ -130,5 +150,5 @@ class ImageEncoder(nn.Module):
         contrastive = AttentionalPooler(cfg, 1, name="contrastive_pool")(x)[:, 0]
         if late:
             return contrastive, None
-        caption_tokens = AttentionalPooler(cfg, cfg.caption_queries, name="caption_pool")(x)
+        caption_tokens = AttentionalPooler(cfg, cfg.vision.caption_queries, name="caption_pool")(x)
         return contrastive, caption_tokens

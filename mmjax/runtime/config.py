@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+from absl import flags as absl_flags
+from ml_collections import config_flags
 
-from mmjax.models.config import SIZES, ModelConfig
+from mmjax.models.config import LEGACY_KEYS, SIZES, ModelConfig, upgrade_legacy_keys
 
 CONTRASTIVE_LOSSES = ("softmax", "sigmoid")
 ON_NAN = ("halt", "skip")
-_SPEC_KEYS = ("data.train", "data.eval")  # data source specs, see mmjax.data.sources
 
 
 class ConfigError(ValueError):
@@ -64,35 +65,21 @@ def model_size(size: str) -> dict[str, Any]:
     """Every ModelConfig field, with the named size's values filled in."""
     if size not in SIZES:
         raise ConfigError(f"size={size!r} is unknown; allowed: {list(SIZES)}")
-    return dataclasses.asdict(ModelConfig(**SIZES[size]))
+    return dataclasses.asdict(ModelConfig.from_mapping(SIZES[size]))
 
 
 def _convert(text: str, current: Any, where: str) -> Any:
-    """Parses `text` into the type of the value it replaces."""
+    """A config argument (`path.py:KEY=VALUE,...`) parsed into its default's type."""
     try:
         if isinstance(current, bool):
-            lowered = text.lower()
-            if lowered in ("true", "1", "yes"):
-                return True
-            if lowered in ("false", "0", "no"):
-                return False
+            if text.lower() in ("true", "1", "yes", "false", "0", "no"):
+                return text.lower() in ("true", "1", "yes")
             raise ValueError
-        if isinstance(current, int):
-            return int(text)
-        if isinstance(current, float):
-            return float(text)
-        if isinstance(current, str) or current is None:
-            return text
-        if isinstance(current, (tuple, list)):
-            value = ast.literal_eval(text)
-            if not isinstance(value, (tuple, list)):
-                raise ValueError
-            return type(current)(value)
-    except (ValueError, SyntaxError):
+        if isinstance(current, (int, float)):
+            return type(current)(text)
+        return text
+    except ValueError:
         raise ConfigError(f"{where}={text!r} is not a valid {type(current).__name__}") from None
-    raise ConfigError(
-        f"{where} cannot be set from the command line (it is a {type(current).__name__})"
-    )
 
 
 def _literal(text: str) -> Any:
@@ -126,42 +113,134 @@ def _add_evaluator_setting(config: ml_collections.ConfigDict, parts: list[str], 
     return False
 
 
-def apply_override(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
-    node = config
+def _diagnose(config: ml_collections.ConfigDict, dotted: str, text: str) -> ConfigError:
+    """The one-line error for an override config_flags refused: the first missing key with
+    the keys allowed there, a group given a value, or a value of the wrong type."""
+    _refuse_legacy_model_key(dotted)
+    node: Any = config
     parts = dotted.split(".")
-    if _add_evaluator_setting(config, parts, text):
-        return
     for i, part in enumerate(parts):
-        prefix = ".".join(parts[:i])
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            prefix = ".".join(parts[:i])
             where = f"under {prefix!r}" if prefix else "at the top level"
             allowed = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-            raise ConfigError(f"unknown config key {dotted!r}; allowed keys {where}: {allowed}")
-        if i < len(parts) - 1:
-            node = node[part]
-    current = node[parts[-1]]
-    if isinstance(current, ml_collections.ConfigDict):
-        raise ConfigError(f"config key {dotted!r} is a group; set one of {sorted(current.keys())}")
-    if dotted in _SPEC_KEYS:
-        # A spec or a mixture literal: parsed and checked by validate().
-        with node.ignore_type():
-            node[parts[-1]] = text
-        return
-    node[parts[-1]] = _convert(text, current, f"config.{dotted}")
+            return ConfigError(f"unknown config key {dotted!r}; allowed keys {where}: {allowed}")
+        node = node[part]
+    if isinstance(node, ml_collections.ConfigDict):
+        return ConfigError(f"config key {dotted!r} is a group; set one of {sorted(node.keys())}")
+    return ConfigError(f"config.{dotted}={text!r} is not a valid {type(node).__name__}")
 
 
-def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """`spec` is 'path.py' or 'path.py:arg'; overrides are 'KEY=VALUE' strings."""
-    path, _, arg = spec.partition(":")
-    module = load_module(path)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"--config file {path!r} has no get_config(arg) function")
-    config = module.get_config(arg or None)
+def _innermost_config_error(error: BaseException) -> ConfigError | None:
+    """config_flags re-raises a config file's ValueError with its traceback as the message;
+    the ConfigError the file raised is further down the exception context."""
+    found = None
+    while error is not None:
+        if isinstance(error, ConfigError) and "\n" not in str(error):
+            found = error
+        error = error.__context__
+    return found
+
+
+Pairs = list[tuple[str, str]]
+
+
+def _split_overrides(overrides: Sequence[str]) -> tuple[Pairs, Pairs]:
+    """'KEY=VALUE' strings -> (config_flags' overrides, evaluator overrides)."""
+    flags_part, evals_part = [], []
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"override --config.{item} needs a value: --config.{key}=VALUE")
-        apply_override(config, key, value)
+        _refuse_legacy_model_key(key)
+        (evals_part if key.split(".")[0] == "evals" else flags_part).append((key, value))
+    return flags_part, evals_part
+
+
+def _parse_with_config_flags(define, pairs: Pairs, diagnose_config) -> ml_collections.ConfigDict:
+    """Runs absl over `--config... --config.KEY=VALUE...` with one config flag defined by
+    `define(flag_values, argv)`; refusals become one-line ConfigErrors."""
+    argv = ["mmjax", *define.argv, *(f"--config.{key}={value}" for key, value in pairs)]
+    flag_values = absl_flags.FlagValues()
+    try:  # Defining the flag already parses argv.
+        define(flag_values, argv)
+        flag_values(argv)
+        return flag_values.config
+    except (absl_flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        inner = _innermost_config_error(e)
+        if inner is not None:
+            raise inner from None
+        config = diagnose_config()
+        for key, value in pairs:
+            error = _diagnose(config, key, value)
+            if "is not a valid" not in str(error) or f"--config.{key}=" in str(e):
+                raise error from None
+        raise ConfigError(str(e).splitlines()[0]) from None
+
+
+class _ConfigFile:
+    """config_flags.DEFINE_config_file for one `path.py[:arg]` spec."""
+
+    def __init__(self, spec: str):
+        self.argv = [f"--config={spec}"]
+
+    def __call__(self, flag_values, argv):
+        config_flags.DEFINE_config_file(
+            "config", flag_values=flag_values, lock_config=False, sys_argv=argv
+        )
+
+
+class _ConfigDict:
+    """config_flags.DEFINE_config_dict for a config already in hand (a saved config.json)."""
+
+    argv: list[str] = []
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+
+    def __call__(self, flag_values, argv):
+        config_flags.DEFINE_config_dict(
+            "config", self.config, flag_values=flag_values, lock_config=False, sys_argv=argv
+        )
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+    """Applies 'KEY=VALUE' overrides to `config` in place, through config_flags (evaluator
+    additions, which config_flags cannot express, through `_add_evaluator_setting`)."""
+    flags_part, evals_part = _split_overrides(overrides)
+    _apply_evaluator_overrides(config, evals_part)
+    if flags_part:
+        parsed = _parse_with_config_flags(_ConfigDict(config), flags_part, lambda: config)
+        assert parsed is config, "config_flags overrides a config dict in place"
+
+
+def _apply_evaluator_overrides(config: ml_collections.ConfigDict, pairs: Pairs) -> None:
+    existing = []
+    for key, value in pairs:
+        if not _add_evaluator_setting(config, key.split("."), value):
+            existing.append((key, value))
+    if existing:
+        _parse_with_config_flags(_ConfigDict(config), existing, lambda: config)
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """`spec` is 'path.py' or 'path.py:arg'; overrides are 'KEY=VALUE' strings.
+
+    The file and the overrides go through ml_collections' config_flags (absl flags), as
+    `--config spec --config.KEY=VALUE`; evaluators may also be added by name."""
+    path, _, arg = spec.partition(":")
+    if not Path(path).is_file():
+        raise ConfigError(f"--config file {path!r} does not exist")
+
+    def loaded_by_hand() -> ml_collections.ConfigDict:  # Only to name what was refused.
+        module = load_module(path)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"--config file {path!r} has no get_config(arg) function")
+        return module.get_config(arg or None)
+
+    flags_part, evals_part = _split_overrides(overrides)
+    config = _parse_with_config_flags(_ConfigFile(spec), flags_part, loaded_by_hand)
+    _apply_evaluator_overrides(config, evals_part)
     validate(config)
     absolute_paths(config)
     return config
@@ -240,14 +319,36 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"train.microbatches={config.train.microbatches} must be >= 1 and divide "
             f"batch_size={config.batch_size}"
         )
+    _validate_model_keys(config.model)
     try:
         ModelConfig.from_mapping(config.model.to_dict()).validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    known = set(ModelConfig.__dataclass_fields__)
-    extra = sorted(set(config.model.keys()) - known)
-    if extra:
-        raise ConfigError(f"model.{extra[0]} is not a model field; allowed: {sorted(known)}")
+
+
+def _refuse_legacy_model_key(dotted: str) -> None:
+    group, _, name = dotted.partition(".")
+    if group == "model" and name in LEGACY_KEYS:
+        raise ConfigError(f"config key {dotted!r} was renamed 'model.{LEGACY_KEYS[name]}'")
+
+
+def _validate_model_keys(model: ml_collections.ConfigDict) -> None:
+    """Every key of config.model must be a ModelConfig field (per group)."""
+    for key in model.keys():
+        _refuse_legacy_model_key(f"model.{key}")
+    reference = dataclasses.asdict(ModelConfig())
+    for key in model.keys():
+        if key not in reference:
+            raise ConfigError(f"model.{key} is not a model field; allowed: {sorted(reference)}")
+        if isinstance(reference[key], dict):
+            if not isinstance(model[key], ml_collections.ConfigDict):
+                raise ConfigError(f"model.{key} is a group of settings, not a value")
+            extra = sorted(set(model[key].keys()) - set(reference[key]))
+            if extra:
+                raise ConfigError(
+                    f"model.{key}.{extra[0]} is not a model field; allowed: "
+                    f"{sorted(reference[key])}"
+                )
 
 
 def _validate_data(data: ml_collections.ConfigDict) -> None:
@@ -287,5 +388,10 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def from_json_file(path: str | Path) -> ml_collections.ConfigDict:
+    """A saved config.json; model keys of runs saved before the per-tower grouping are
+    upgraded to their grouped names (models.config.LEGACY_KEYS)."""
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        values = json.load(f)
+    if isinstance(values.get("model"), dict):
+        values["model"] = upgrade_legacy_keys(values["model"])
+    return ml_collections.ConfigDict(values)

@@ -24,6 +24,7 @@ process, since process 0 tells the others.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import fcntl
 import fnmatch
 import hashlib
@@ -47,6 +48,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from mmjax.models.config import LEGACY_KEYS, ModelConfig
 from mmjax.runtime import log
 from mmjax.runtime.config import ConfigError, to_json
 
@@ -66,7 +68,9 @@ RESUMABLE_KEYS = (
     "mesh.*",
     "sharding_rules",
     "model.remat",
-    "model.remat_*",
+    "model.vision.remat",
+    "model.text.remat",
+    "model.decoder.remat",
     "train.microbatches",
     "optimizer.offload_state",
     "data.workers",
@@ -325,6 +329,13 @@ def check_config(
             f"{path} is unreadable ({e}), so the checkpoint's config cannot be compared; "
             f"pass --config.allow_config_change=True to resume with this config"
         ) from None
+    if isinstance(old.get("model"), dict) and set(old["model"]) & set(LEGACY_KEYS):
+        # Saved before the per-tower grouping: compare what that run's model was.
+        try:
+            model = ModelConfig.from_mapping(old["model"])
+            old["model"] = json.loads(json.dumps(dataclasses.asdict(model)))
+        except (TypeError, ValueError):
+            pass  # Compared as saved: every model key then counts as changed.
     changes = config_changes(old, json.loads(to_json(config)))
     counted = [c for c in changes if not c["allowed"]]
     if counted and not allow:

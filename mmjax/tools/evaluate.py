@@ -21,7 +21,7 @@ from mmjax.data.stats import DataError
 from mmjax.evals.suite import EvalSuite
 from mmjax.runtime import cli, distributed, log, paths
 from mmjax.runtime.checkpoint import CheckpointError, read_params
-from mmjax.runtime.config import ConfigError, apply_override, from_json_file, split_config_flags
+from mmjax.runtime.config import ConfigError, apply_overrides, from_json_file, split_config_flags
 from mmjax.training.setup import build_run, existing_tokenizer
 
 
@@ -51,9 +51,7 @@ def main(argv=None) -> int:
         return 2
     config = from_json_file(workdir / "config.json")
     try:
-        for item in overrides:
-            key, _, value = item.partition("=")
-            apply_override(config, key, value)
+        apply_overrides(config, overrides)
         # The training run's mesh, rules and model; only the eval sources are opened. Its
         # config.json already holds the model init_from gave it (that run may be gone).
         run = build_run(config, adopt_init_from_model=False)

@@ -77,7 +77,7 @@ def check_devices(
 
 
 # Model fields a run starting from init_from may set itself (numerics and memory only).
-INIT_FROM_RUN_KEYS = ("dtype", "remat", "remat_vision", "remat_text", "remat_decoder")
+INIT_FROM_RUN_KEYS = ("dtype", "remat", "vision.remat", "text.remat", "decoder.remat")
 
 
 def adopt_init_from(config: ml_collections.ConfigDict) -> None:
@@ -89,8 +89,12 @@ def adopt_init_from(config: ml_collections.ConfigDict) -> None:
     saved = from_json_file(source)
     model = saved.model.to_dict()
     for key in INIT_FROM_RUN_KEYS:
-        if key in config.model:
-            model[key] = config.model[key]
+        *groups, name = key.split(".")
+        mine, theirs = config.model, model
+        for group in groups:
+            mine, theirs = mine.get(group, {}), theirs.setdefault(group, {})
+        if name in mine:
+            theirs[name] = mine[name]
     with config.unlocked():
         config.model = ml_collections.ConfigDict(model)
         if not config.data.tokenizer and saved.data.get("tokenizer", ""):
