@@ -78,3 +78,15 @@ def test_decoder_and_video_widths_are_their_own_settings():
     )
     with pytest.raises(ConfigError, match=r"model\.decoder\.heads=3 does not divide its width 64"):
         load_config("configs/coca.py:size=tiny", ["model.decoder.heads=3"])
+
+
+def test_a_key_given_twice_keeps_its_last_value():
+    config = load_config(
+        "configs/coca.py:size=tiny",
+        [
+            "model.vision.resnet_blocks=(1, 1, 1, 1)",
+            "batch_size=8",
+            "model.vision.resnet_blocks=(2, 2)",
+        ],
+    )
+    assert tuple(config.model.vision.resnet_blocks) == (2, 2) and config.batch_size == 8

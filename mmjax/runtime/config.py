@@ -146,15 +146,23 @@ Pairs = list[tuple[str, str]]
 
 
 def _split_overrides(overrides: Sequence[str]) -> tuple[Pairs, Pairs]:
-    """'KEY=VALUE' strings -> (config_flags' overrides, evaluator overrides)."""
-    flags_part, evals_part = [], []
+    """'KEY=VALUE' strings -> (config_flags' overrides, evaluator overrides).
+
+    A key given twice keeps its last value, as for any flag: config_flags itself would
+    concatenate repeated values of a tuple field ((1, 1) twice -> four entries)."""
+    flags_part: dict[str, str] = {}
+    evals_part = []
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"override --config.{item} needs a value: --config.{key}=VALUE")
         _refuse_legacy_model_key(key)
-        (evals_part if key.split(".")[0] == "evals" else flags_part).append((key, value))
-    return flags_part, evals_part
+        if key.split(".")[0] == "evals":
+            evals_part.append((key, value))
+        else:
+            flags_part.pop(key, None)
+            flags_part[key] = value
+    return list(flags_part.items()), evals_part
 
 
 def _parse_with_config_flags(define, pairs: Pairs, diagnose_config) -> ml_collections.ConfigDict:
