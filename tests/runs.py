@@ -71,7 +71,6 @@ JOBS = {
     "two_processes": dict(extra=MESH_8, launcher=TWO_PROCESSES, devices=None),
     # Continued on 4 devices by test_reproducibility.py (early: that continuation compiles too).
     "eight_fsdp": dict(extra=MESH_FSDP_TENSOR, devices=8),
-    "half": dict(steps=STEPS // 2),  # Resumed to 8 steps by the resume test.
     "nan": dict(
         extra=["--config.optimizer.learning_rate=1e30", "--config.checkpoint_every=1"], check=False
     ),
