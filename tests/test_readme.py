@@ -101,6 +101,9 @@ def shrink(command: str) -> str:
         elif word == "--devices":
             out += [word, "4"]
             skip = True
+        elif word == "--topology":
+            out += [word, "v5e:2x2"]
+            skip = True
         elif sizes and word.startswith("configs/") and ":" in word:
             word = re.sub(r"size=\w+", "size=tiny", word)
             out.append(re.sub(r"batch=\d+", "batch=16", word))
