@@ -168,3 +168,16 @@ def test_a_step_that_exceeds_the_hbm_is_a_result_with_the_compilers_figure():
     assert report["compile_error"].startswith("RESOURCE_EXHAUSTED")
     assert report["memory_per_device"]["temp_bytes"] > 16 * 2**30  # The compiler's own figure.
     assert report["hbm_compiler_bytes"] < 16 * 2**30  # What it had (15.75G on a v5e).
+
+
+def test_unknown_topology_and_bad_flags_are_one_line():
+    _needs_libtpu()
+    proc = _dryrun("--topology", "v9z:2x2", "--config", "configs/coca.py:size=tiny", timeout=300)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --topology v9z:2x2: libtpu refused it: "), last
+    proc = _dryrun("--topology", "v5e:2x2", "--devices", "4", "--config", "configs/coca.py")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: --topology sets the devices: drop --devices / --cpu"
+    )

@@ -28,11 +28,22 @@ _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 def topology_devices(name: str, slices: int = 1) -> list[Any]:
-    """The devices of TPU topology `name` ('v5e:4x4', 'v5p:4x4x4', ...) times `slices`."""
-    # No GCE metadata server to ask on a machine that is not a TPU VM.
+    """The devices of TPU topology `name` ('v5e:4x4', 'v5p:4x4x4', ...) times `slices`.
+
+    Call before JAX starts a backend: this process keeps the CPU as its own backend (on a TPU
+    VM it must not take the chips a training may hold), and libtpu only compiles."""
+    # No GCE metadata server to ask on a machine that is not a TPU VM; and compiling opens no
+    # chip, so several dry runs (a test suite's workers) may load libtpu at once.
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     if slices < 1:
         raise ConfigError(f"--slices={slices} must be >= 1")
+    try:
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
+    except RuntimeError:
+        pass  # A backend is up already (called from Python): keep it.
     try:
         from jax.experimental import topologies
 
@@ -42,13 +53,18 @@ def topology_devices(name: str, slices: int = 1) -> list[Any]:
         raise ConfigError("--topology needs JAX's topologies module (jax >= 0.4.20)") from None
     except Exception as e:  # noqa: BLE001 - libtpu raises plain RuntimeErrors/XlaRuntimeErrors.
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "libtpu" in text.lower() or "no tpu" in text.lower() or "not found" in text.lower():
+        if not _libtpu_installed():
             raise ConfigError(
-                f"--topology {name}: libtpu is not usable here ({text}); install the tpu extra: "
-                "pip install 'mmjax[tpu]'"
+                f"--topology {name} needs libtpu, which is not installed: pip install 'mmjax[tpu]'"
             ) from None
-        raise ConfigError(f"--topology {name} is not a TPU topology libtpu knows: {text}") from None
+        raise ConfigError(f"--topology {name}: libtpu refused it: {text}") from None
     return list(topology.devices)
+
+
+def _libtpu_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("libtpu") is not None
 
 
 def hbm_gib_of(device_kind: str) -> float | None:
