@@ -21,6 +21,7 @@ ENTRY %main {
   %ags = (bf16[4,256]{1,0}, bf16[16,256]{1,0}) all-gather-start(%p), dimensions={0}
   %agd = bf16[16,256]{1,0} all-gather-done(%ags)
   %ar = f32[128]{0} all-reduce(%x), to_apply=%add
+  %comb = (f32[64,2]{1,0:T(8,128)}, bf16[256]{0:T(512)}, /*index=2*/f32[2]{0}) all-reduce(%a)
   %rs = f32[32]{0} reduce-scatter(%ar), dimensions={0}
   %cp = f32[8,8]{1,0} collective-permute(%y), source_target_pairs={{0,1}}
   %k = f32[8,8]{1,0} custom-call(%y), custom_call_target="tpu_custom_call", backend_config="..."
@@ -32,7 +33,8 @@ ENTRY %main {
 def test_collectives_count_async_pairs_once_with_their_result_bytes():
     stats = hlo_stats.collectives(HLO)
     assert stats["all-gather"] == {"count": 1, "bytes": 16 * 256 * 2}
-    assert stats["all-reduce"] == {"count": 1, "bytes": 128 * 4}
+    # A combined (tuple) all-reduce counts every array; TPU layouts hold parentheses too.
+    assert stats["all-reduce"] == {"count": 2, "bytes": 128 * 4 + 64 * 2 * 4 + 256 * 2 + 2 * 4}
     assert stats["reduce-scatter"] == {"count": 1, "bytes": 32 * 4}
     assert stats["collective-permute"] == {"count": 1, "bytes": 64 * 4}
     assert stats["all-to-all"] == {"count": 0, "bytes": 0}

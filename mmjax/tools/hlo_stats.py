@@ -17,20 +17,64 @@ _DTYPE_BYTES = {
     "pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2,
     "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
 }  # fmt: skip
-# `%name = SHAPE op(` where SHAPE is an array shape or a tuple of them.
-_INSTRUCTION = re.compile(r"=\s*(\([^=]*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s+([a-z-]+)\(")
-_ARRAY = re.compile(r"([a-z0-9]+)\[([0-9,]*)\]")
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 
 
+def _instruction(line: str) -> tuple[str, str] | None:
+    """`%name = SHAPE op(...)` -> (SHAPE, op), else None. SHAPE is an array shape or a tuple
+    of them, whose TPU layouts hold parentheses of their own ({1,0:T(8,128)})."""
+    _, sep, rhs = line.partition(" = ")
+    if not sep:
+        return None
+    rhs = rhs.lstrip()
+    if rhs.startswith("("):
+        end = _closing_paren(rhs)
+        shape, rest = rhs[: end + 1], rhs[end + 1 :]
+    else:
+        shape, _, rest = rhs.partition(" ")
+    op = re.match(r"\s*([a-z][a-z0-9-]*)\(", rest)
+    return (shape, op.group(1)) if op else None
+
+
+def _closing_paren(text: str) -> int:
+    depth = 0
+    for i, char in enumerate(text):
+        depth += char == "("
+        depth -= char == ")"
+        if depth == 0:
+            return i
+    return len(text) - 1
+
+
+def _split_top_level(shape: str) -> list[str]:
+    """'(a, (b, c), d)' -> ['a', '(b, c)', 'd']."""
+    inner, parts, depth, start = shape[1:-1], [], 0, 0
+    for i, char in enumerate(inner):
+        depth += char in "({["
+        depth -= char in ")}]"
+        if char == "," and depth == 0:
+            parts.append(inner[start:i])
+            start = i + 1
+    parts.append(inner[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
 def _array_bytes(shape: str) -> int:
-    arrays = _ARRAY.findall(shape)
-    if not arrays:
-        return 0
-    # An async start returns (operands..., result...): the last array is the result.
-    dtype, dims = arrays[-1]
-    size = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
-    return size * _DTYPE_BYTES.get(dtype, 4)
+    total = 0
+    for dtype, dims in _ARRAY.findall(shape):
+        size = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+        total += size * _DTYPE_BYTES.get(dtype, 4)
+    return total
+
+
+def _result_bytes(shape: str, op: str) -> int:
+    """Bytes an op produces: every array of a combined (tuple) collective; of an async
+    start's (operands, results) tuple, the results."""
+    if op.endswith("-start") and shape.startswith("("):
+        parts = _split_top_level(shape)
+        return _array_bytes(" ".join(parts[len(parts) // 2 :]))
+    return _array_bytes(shape)
 
 
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
@@ -38,14 +82,14 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     (`all-gather-start` / `-done`) counts once, with the bytes of its result."""
     out = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
     for line in hlo_text.splitlines():
-        match = _INSTRUCTION.search(line)
-        if not match:
+        parsed = _instruction(line)
+        if parsed is None:
             continue
-        shape, op = match.groups()
+        shape, op = parsed
         kind = op.removesuffix("-start")
         if kind in out and not op.endswith("-done"):
             out[kind]["count"] += 1
-            out[kind]["bytes"] += _array_bytes(shape)
+            out[kind]["bytes"] += _result_bytes(shape, op)
     return out
 
 
@@ -53,8 +97,8 @@ def custom_calls(hlo_text: str) -> dict[str, int]:
     """Custom-call instructions by target (e.g. `tpu_custom_call`: a Pallas kernel)."""
     targets: Counter[str] = Counter()
     for line in hlo_text.splitlines():
-        match = _INSTRUCTION.search(line)
-        if match and match.group(2) == "custom-call":
+        parsed = _instruction(line)
+        if parsed and parsed[1] == "custom-call":
             target = _TARGET.search(line)
             targets[target.group(1) if target else "?"] += 1
     return dict(sorted(targets.items()))
