@@ -183,3 +183,33 @@ def test_unknown_topology_and_bad_flags_are_one_line():
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: --topology sets the devices: drop --devices / --cpu"
     )
+
+
+_SLICES = """
+import json
+from mmjax.runtime.config import load_config
+from mmjax.tools.topology import topology_devices
+from mmjax.training.setup import build_run
+devices = topology_devices("v5e:2x2", slices=2)
+config = load_config("configs/coca.py:size=tiny", ["mesh.dcn_data=2", "mesh.data=1", "mesh.fsdp=4"])
+run = build_run(config, devices=devices)
+rows = [sorted({d.slice_index for d in row.flat}) for row in run.mesh.devices]
+print(json.dumps(dict(n=len(devices), shape=dict(run.mesh.shape), rows=rows)))
+"""
+
+
+def test_slices_make_a_dcn_mesh_over_the_topologys_slices():
+    """--slices 2: 8 chips in two slices; mesh.dcn_data=2 puts the slices on the data axis
+    (each data row is one slice), the fsdp axis inside a slice (no compile needed)."""
+    _needs_libtpu()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SLICES], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["n"] == 8
+    assert result["shape"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert result["rows"] == [[0], [1]]

@@ -199,7 +199,8 @@ def build_run(
     if adopt_init_from_model and config.get("init_from", ""):
         adopt_init_from(config)
     devices = list(devices) if devices is not None else jax.devices()
-    check_devices(config, len(devices), granules)
+    # The slices or processes of these devices (a TPU topology's, in a dry run).
+    check_devices(config, len(devices), granules or shd.granules(devices))
     mesh = shd.make_mesh(dict(config.mesh), devices, granule_of)
     rules = shd.rules_from_config(config.sharding_rules)
     model_cfg = ModelConfig.from_mapping(config.model.to_dict())
