@@ -126,7 +126,7 @@ def test_fit_search_takes_the_lightest_remat_then_the_largest_batch(monkeypatch)
 def test_tiny_compiles_for_v5e_and_fit_proposes_a_config_that_fits():
     """--fit on v5e:2x2 (4 chips of 16 GiB, judged against --hbm-gib 0.03): remat none fits at
     batch 64 (29.6 MiB), twice that does not (31.5 MiB); the proposal's own dry run is the TPU
-    compiler's."""
+    compiler's. (The search order itself is tested against a stand-in compiler above.)"""
     _needs_libtpu()
     proc = _dryrun(
         "--topology", "v5e:2x2", "--config", "configs/coca.py:size=tiny",
