@@ -11,7 +11,10 @@ Sharded over 8 forced CPU devices (data=2, fsdp=2, tensor=2):
       --config.mesh.data=2 --config.mesh.fsdp=2 --config.mesh.tensor=2
 
 Arguments (after the colon, comma separated): size=tiny|bench|small|base|large,
-steps=N (total_steps), batch=N (global batch size).
+steps=N (total_steps), batch=N (global batch size), accelerator=cpu|gpu|tpu (numerics,
+attention kernel and remat for that family: mmjax/runtime/accelerators.py; cpu is f32).
+
+On a TPU pod (README, "Launching on a TPU pod"): configs/coca.py:size=base,accelerator=tpu.
 
 Expected results (size=tiny, defaults, measured on 2 CPU cores, see BUILD_NOTES.md):
 final train loss about 0.23 (contrastive 0.14, caption 0.05); on the 512 held-out
@@ -23,11 +26,12 @@ eval/caption_exact about 0.82.
 
 import ml_collections
 
+from mmjax.runtime.accelerators import model_settings
 from mmjax.runtime.config import model_size, parse_arg
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, size="tiny", steps=1500, batch=64)
+    arg = parse_arg(arg, size="tiny", steps=1500, batch=64, accelerator="cpu")
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.batch_size = arg.batch  # Global, over all processes and devices.
@@ -52,12 +56,13 @@ def get_config(arg=None):
     config.train.on_nan = "halt"
 
     config.model = ml_collections.ConfigDict(model_size(arg.size))
-    config.model.dtype = "float32"  # 'bfloat16' on accelerators.
-    config.model.param_dtype = "float32"
-    # From the size (mmjax/models/config.py SIZES; all but `bench` scan their layers, none
-    # remats): model.scan_layers, and model.remat = none | minimal | dots-saveable | full,
-    # for all towers or per tower (vision.remat / text.remat / decoder.remat; '' follows
-    # model.remat).
+    # The accelerator preset: model.dtype (compute; bfloat16 on accelerators), param_dtype
+    # (master weights and optimizer state: float32), attention (auto | xla | cudnn | splash)
+    # and remat (none | minimal | dots-saveable | full, for all towers or per tower:
+    # vision.remat / text.remat / decoder.remat; '' follows model.remat).
+    config.model.update(model_settings(arg.accelerator, arg.size))
+    # From the size (mmjax/models/config.py SIZES; all but `bench` scan their layers):
+    # model.scan_layers.
 
     # Mesh: sizes of the data, fsdp and tensor axes inside one slice (TPU) or process
     # (elsewhere); one may be -1 to fill its devices. dcn_data / dcn_fsdp multiply the data

@@ -11,7 +11,8 @@ embedding and the decoder's tokens (mmjax/models/video.py). Captions name the mo
 be told apart by the order of the frames.
 
 Arguments (after the colon, comma separated): size=tiny|bench|small|base|large,
-steps=N (total_steps), batch=N (global batch size), frames=T (model.video.frames),
+steps=N (total_steps), batch=N (global batch size), accelerator=cpu|gpu|tpu (as in
+configs/coca.py), frames=T (model.video.frames),
 image=S, patch=P (frame side and patch side in pixels; 0 = the size's, except tiny's
 8 px patches).
 
@@ -28,9 +29,11 @@ from mmjax.runtime.config import parse_arg, sibling
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, size="tiny", steps=1500, batch=64, frames=4, image=0, patch=0)
+    arg = parse_arg(
+        arg, size="tiny", steps=1500, batch=64, accelerator="cpu", frames=4, image=0, patch=0
+    )
     config = sibling(__file__, "coca").get_config(
-        f"size={arg.size},steps={arg.steps},batch={arg.batch}"
+        f"size={arg.size},steps={arg.steps},batch={arg.batch},accelerator={arg.accelerator}"
     )
     config.model.input_kind = "video"
     config.model.video.frames = arg.frames

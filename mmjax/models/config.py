@@ -49,6 +49,8 @@ TEXT_ENCODERS = ("transformer",)  # mmjax/models/registry.py TEXT_ENCODERS
 RESNET_STEMS = ("auto", "imagenet", "small")
 RESNET_MIN_GRID = 4  # The last feature map must keep >= 4x4 image tokens for the poolers.
 INPUT_KINDS = ("image", "video")
+# mmjax/models/attention.py KERNELS: auto picks per call on the compiled-for platform.
+ATTENTION_KERNELS = ("auto", "xla", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +221,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat: str = "none"  # For every tower, unless its group sets its own.
+    # Attention kernel (mmjax/models/attention.py): auto | xla | cudnn (GPU) | splash (TPU).
+    attention: str = "auto"
     # Contrastive head initialisation (CLIP: log(1/0.07), 0; SigLIP: log 10, -10).
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float = 0.0
@@ -368,6 +372,7 @@ class ModelConfig:
             )
         for name, value, allowed in (
             ("mlp_activation", self.mlp_activation, MLP_ACTIVATIONS),
+            ("attention", self.attention, ATTENTION_KERNELS),
             ("input_kind", self.input_kind, INPUT_KINDS),
             ("vision.encoder", v.encoder, IMAGE_ENCODERS),
             ("vision.pool", v.pool, VIT_POOLS),

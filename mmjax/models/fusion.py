@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models import matmul_flops
+from mmjax.models.attention import AttentionMask
 from mmjax.models.config import ModelConfig
 from mmjax.models.layers import (
     Dense,
@@ -28,7 +29,6 @@ from mmjax.models.layers import (
     LayerNorm,
     Stack,
     constrain,
-    prefix_lm_mask,
 )
 
 Array = jax.Array
@@ -77,7 +77,7 @@ class PrefixLMDecoder(nn.Module):
             x = jnp.concatenate([image.astype(x.dtype), x], axis=1)
         x = constrain(x, ("batch", "length", "act_embed"))
         # Decode mode: the KV cache builds the same mask from `prefix` (layers.Attention).
-        mask = None if self.decode else prefix_lm_mask(x.shape[1], x.shape[1], prefix=prefix)
+        mask = None if self.decode else AttentionMask(causal=True, prefix=prefix)
         x = Stack(
             cfg,
             EncoderBlock,

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.models.attention import AttentionMask, attend
 from mmjax.models.config import ModelConfig
 
 Array = jax.Array
@@ -98,7 +99,7 @@ def prefix_lm_mask(
 
 
 class Attention(nn.Module):
-    """Multi-head attention through `jax.nn.dot_product_attention`.
+    """Multi-head attention; the kernel is model.attention's (mmjax.models.attention).
 
     Self-attention when `context` is None, cross-attention otherwise. In decode
     mode self-attention keeps a KV cache (keys/values of all earlier positions)
@@ -145,9 +146,12 @@ class Attention(nn.Module):
         return [y[:, :, i] for i in range(parts)]
 
     @nn.compact
-    def __call__(self, x: Array, context: Array | None = None, mask: Array | None = None) -> Array:
+    def __call__(
+        self, x: Array, context: Array | None = None, mask: AttentionMask | None = None
+    ) -> Array:
         """x: [B or 1, T, D] queries (a batch of 1 is broadcast after projection, so
-        learned queries are projected once, not once per example)."""
+        learned queries are projected once, not once per example). `mask` (outside decode
+        mode): what each query sees; decode mode builds its own from the cache."""
         width = x.shape[-1]
         if self.cross:
             (q,) = self._project(x, width, 1, "query")
@@ -163,7 +167,7 @@ class Attention(nn.Module):
             out = cached_attention(q, k, v, mask)
         else:
             k, v = (constrain(a, ("batch", "length", "act_heads", "act_kv")) for a in (k, v))
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+            out = attend(q, k, v, mask, self.cfg.attention)
         out = constrain(out, ("batch", "length", "act_heads", "act_kv"))
         cfg = self.cfg
         init = nn.initializers.variance_scaling(
@@ -252,7 +256,7 @@ class EncoderBlock(nn.Module):
     prefix: int = 0
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array | None) -> tuple[Array, None]:
+    def __call__(self, x: Array, mask: AttentionMask | None) -> tuple[Array, None]:
         x = constrain(x, ("batch", "length", "act_embed"))
         h = LayerNorm(self.cfg, name="ln_attn")(x)
         attn = Attention(
@@ -273,7 +277,9 @@ class DecoderBlock(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array | None, context: Array | None) -> tuple[Array, None]:
+    def __call__(
+        self, x: Array, mask: AttentionMask | None, context: Array | None
+    ) -> tuple[Array, None]:
         x = constrain(x, ("batch", "length", "act_embed"))
         h = LayerNorm(self.cfg, name="ln_self")(x)
         x = x + Attention(self.cfg, self.num_heads, decode=self.decode, name="self_attn")(
@@ -298,7 +304,9 @@ class SplitDecoderBlock(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array | None, context: Array | None) -> tuple[Array, None]:
+    def __call__(
+        self, x: Array, mask: AttentionMask | None, context: Array | None
+    ) -> tuple[Array, None]:
         cfg = self.cfg
         x = constrain(x, ("batch", "length", "act_embed"))
         h = LayerNorm(cfg, name="ln_self")(x)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models import matmul_flops
+from mmjax.models.attention import AttentionMask
 from mmjax.models.config import ModelConfig
 from mmjax.models.layers import (
     DecoderBlock,
@@ -23,8 +24,10 @@ from mmjax.text.tokenizer import PAD_ID
 Array = jax.Array
 
 
-def text_attention_mask(tokens: Array, with_cls: bool, convention: str = "pad_keys") -> Array:
-    """Causal mask that also hides padding keys: [B, 1, T(+1), T(+1)].
+def text_attention_mask(
+    tokens: Array, with_cls: bool, convention: str = "pad_keys"
+) -> AttentionMask:
+    """Causal mask that also hides padding keys (T, or T+1 positions with the CLS slot).
 
     The CLS slot appended at the end attends to every real token and itself;
     padding never acts as a key, so changing it cannot change any output.
@@ -38,9 +41,7 @@ def text_attention_mask(tokens: Array, with_cls: bool, convention: str = "pad_ke
             valid = valid[:, :-1]
     elif with_cls:
         valid = jnp.concatenate([valid, jnp.ones_like(valid[:, :1])], axis=1)
-    causal = nn.make_causal_mask(valid, dtype=bool)
-    # A padded query still sees position 0 (BOS), so no row is fully masked.
-    return causal & valid[:, None, None, :]
+    return AttentionMask(key_valid=valid, causal=True)
 
 
 class TextEncoder(nn.Module):
@@ -92,7 +93,7 @@ class TextEncoder(nn.Module):
             mask = None  # The attention KV cache builds its own causal mask.
         elif cfg.text.pool == "argmax":
             x = x + pos[:t][None]
-            mask = nn.make_causal_mask(jnp.ones(tokens.shape, bool), dtype=bool)
+            mask = AttentionMask(causal=True)
         else:
             cls = self.param(
                 "cls",
@@ -145,7 +146,7 @@ class MultimodalDecoder(nn.Module):
         if self.decode:
             mask = None
         else:  # Right padding: causal masking alone keeps pads out of real positions.
-            mask = nn.make_causal_mask(jnp.ones(text_features.shape[:2], bool), dtype=bool)
+            mask = AttentionMask(causal=True)
         x = Stack(
             cfg,
             SplitDecoderBlock if cfg.decoder.block == "split" else DecoderBlock,

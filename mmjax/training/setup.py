@@ -16,6 +16,7 @@ import jax
 import ml_collections
 import optax
 
+from mmjax.models import attention
 from mmjax.models.coca import CoCa
 from mmjax.models.config import ModelConfig
 from mmjax.runtime import sharding as shd
@@ -204,6 +205,10 @@ def build_run(
     mesh = shd.make_mesh(dict(config.mesh), devices, granule_of)
     rules = shd.rules_from_config(config.sharding_rules)
     model_cfg = ModelConfig.from_mapping(config.model.to_dict())
+    try:
+        attention.check_available(model_cfg.attention, devices[0].platform)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     model = CoCa(model_cfg)
     tx = make_optimizer(config)
     offload = bool(config.optimizer.get("offload_state", False))
