@@ -20,11 +20,12 @@ holding a stack (.npy, GIF, TIFF, ...); see mmjax.data.clips.
 from __future__ import annotations
 
 import csv
+import io
 import operator
 import os
-from pathlib import Path
 from typing import Any
 
+from mmjax import storage
 from mmjax.data.records import BadSample
 
 # Errors that mean "this image file cannot be read": the sample is skipped.
@@ -47,17 +48,18 @@ class CsvSource:
         caption_key: str = "caption",
         frames: int = 0,
     ):
-        self.path = Path(path)
+        self.path = storage.path(path)
         self.frames = int(frames)  # 0: images; T: clips of T frames (folders are read)
         self.name = f"csv:{path}"
         self.image_key = image_key
         self.caption_key = caption_key
-        self._folder = str(self.path.parent)
+        self._folder = str(self.path.parent)  # Image paths are relative to it (or a URL's).
         delimiter = "\t" if self.path.suffix.lower() == ".tsv" else ","
         # Raw strings (not resolved paths) keep memory to about one str per cell.
         self._filepaths: list[str] = []
         self._captions: list[str] = []
-        with open(self.path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        text = storage.read_bytes(self.path).decode("utf-8-sig", errors="surrogateescape")
+        with io.StringIO(text, newline="") as f:
             reader = csv.reader(f, delimiter=delimiter)
             header = next(reader, None)
             if header is None:
@@ -91,8 +93,8 @@ class CsvSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = self._check(index)
         filepath = self._filepaths[index]
-        path = os.path.join(self._folder, filepath)
-        if self.frames and os.path.isdir(path):
+        path = _resolve(self._folder, filepath)
+        if self.frames and not storage.is_remote(path) and os.path.isdir(path):
             from mmjax.data.clips import read_frame_folder  # Late: only clips need PIL here.
 
             image = read_frame_folder(path, self.frames, read_file)
@@ -106,7 +108,7 @@ class CsvSource:
 
     def image_path(self, index: int) -> str:
         """The image path of row `index`, resolved against the CSV's folder."""
-        return os.path.join(self._folder, self._filepaths[self._check(index)])
+        return _resolve(self._folder, self._filepaths[self._check(index)])
 
     def _check(self, index: int) -> int:
         index = operator.index(index)
@@ -115,8 +117,22 @@ class CsvSource:
         return index
 
 
+def _resolve(folder: str, filepath: str) -> str:
+    """A CSV's image path against the CSV's folder; an absolute path or a URL as it is."""
+    if storage.is_remote(filepath) or os.path.isabs(filepath):
+        return filepath
+    if storage.is_remote(folder):
+        return f"{folder.rstrip('/')}/{filepath}"
+    return os.path.join(folder, filepath)
+
+
 def read_file(path: str) -> bytes:
     """A whole file's bytes; an unreadable file is a `missing_file` BadSample."""
+    if storage.is_remote(path):
+        try:
+            return storage.read_bytes(storage.path(path))
+        except UNREADABLE_FILE_ERRORS as e:
+            raise BadSample("missing_file", f"{path}: {e}") from None
     try:
         # A fresh handle per call: safe from any number of threads.
         with open(path, "rb") as f:

@@ -27,6 +27,7 @@ from typing import Any
 
 import ml_collections
 
+from mmjax import storage
 from mmjax.data.records import BadSample, Source
 
 SOURCE_KINDS = ("shapes", "shapes_video", "csv", "wds", "arrayrecord")
@@ -61,7 +62,9 @@ def absolute_spec(spec: str) -> str:
     """The spec with its path made absolute against the working directory (braces and glob
     characters are kept as they are), so that it names the same files from anywhere."""
     kind, path = parse_spec(spec)
-    return f"{kind}:{os.path.abspath(os.path.expanduser(path))}" if path else kind
+    if not path or storage.is_remote(path):  # A URL is absolute already.
+        return f"{kind}:{path}" if path else kind
+    return f"{kind}:{os.path.abspath(os.path.expanduser(path))}"
 
 
 def absolute_mixture(value: Any) -> Any:

@@ -18,12 +18,15 @@ cut are gone). A member cut short by the truncation reads as the bad sample
 Random access without extracting anything: each shard's tar headers are
 scanned once with `tarfile` for every member's data offset and size, and
 samples are read with `os.pread` on a file descriptor opened lazily per
-process (pread has no shared file position, so threads need no lock).
+process (pread has no shared file position, so threads need no lock). Shards on
+object storage (`gs://...`, brace ranges and globs alike) are scanned through a
+seekable remote file and read with one ranged request per member.
 
 The index of a shard is cached as `<shard>.idx.json` next to it when that
 folder is writable, else in `cache_dir` (named by a hash of the shard's
-absolute path), else kept in memory only. A cache is used only while the
-shard's size and mtime_ns match the ones it records.
+absolute path or URL; a workdir on object storage serves too), else kept in memory
+only. A cache is used only while the shard's size and mtime_ns (an object's
+generation) match the ones it records.
 
 Incomplete samples are kept, so that the pipeline counts them rather than
 hiding them: a key with a caption (or metadata) but no image raises
@@ -37,7 +40,6 @@ first appears in the tar.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import itertools
 import json
@@ -49,11 +51,11 @@ import tarfile
 import tempfile
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mmjax import storage
 from mmjax.data.records import BadSample
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -105,11 +107,11 @@ def shard_paths(pattern: str) -> list[str]:
     paths: list[str] = []
     for expanded in expand_braces(pattern):
         if _GLOB_CHARS.search(expanded):
-            matched = sorted(glob.glob(expanded))
+            matched = storage.glob(expanded)
             if not matched:
                 raise FileNotFoundError(f"no shard matches {expanded!r} (from {pattern!r})")
             paths.extend(matched)
-        elif not os.path.isfile(expanded):
+        elif not storage.is_file(expanded):
             raise FileNotFoundError(f"shard {expanded} does not exist (from {pattern!r})")
         else:
             paths.append(expanded)
@@ -164,15 +166,17 @@ _LIKELY_FIELDS = (*IMAGE_EXTENSIONS, "txt", "json")
 def scan_shard(path: str) -> ShardIndex:
     """Reads a tar's headers (not its data) and groups members into samples."""
     found: dict[str, dict[str, tuple[int, int]]] = {}  # Insertion order = tar order.
-    size = os.path.getsize(path)
+    size, _ = storage.stat(path)
     second_dot: list[str] = []  # names like cat.v1.jpg: an image behind a second dot
     ignored = end = 0
     cut: str | None = None
+    stream = storage.open_binary(path)
     try:
-        tar = tarfile.open(path, mode="r:")
+        tar = tarfile.open(fileobj=stream, mode="r:")
     except tarfile.ReadError as e:
+        stream.close()
         raise ValueError(f"shard {path} is not an uncompressed tar file: {e}") from None
-    with tar:
+    with stream, tar:
         while True:
             try:
                 member = tar.next()
@@ -228,46 +232,53 @@ def _has_end_marker(path: str, end: int, size: int) -> bool:
     """Whether the bytes after the last member are the two zero blocks a tar ends with."""
     if size - end < 2 * _TAR_BLOCK:
         return False
-    with open(path, "rb") as f:
+    with storage.open_binary(path) as f:
         f.seek(end)
         return not any(f.read(2 * _TAR_BLOCK))
 
 
-def _cache_paths(shard: str, cache_dir: str | os.PathLike | None) -> list[Path]:
-    paths = [Path(shard + INDEX_SUFFIX)]
+def _cache_paths(shard: str, cache_dir: str | os.PathLike | None) -> list[Any]:
+    paths = [storage.path(shard + INDEX_SUFFIX)]
     if cache_dir is not None:
-        digest = hashlib.sha256(os.path.abspath(shard).encode("utf-8", "surrogateescape"))
-        paths.append(Path(cache_dir) / f"{digest.hexdigest()[:32]}{INDEX_SUFFIX}")
+        digest = hashlib.sha256(str(storage.path(shard)).encode("utf-8", "surrogateescape"))
+        paths.append(storage.path(cache_dir) / f"{digest.hexdigest()[:32]}{INDEX_SUFFIX}")
     return paths
 
 
 def load_index(shard: str, cache_dir: str | os.PathLike | None = None) -> ShardIndex:
     """The shard's index: from a fresh cache if there is one, else scanned and cached."""
-    stat = os.stat(shard)
-    absolute = os.path.abspath(shard)
+    size, mtime_ns = storage.stat(shard)
+    absolute = str(storage.path(shard))
     candidates = _cache_paths(shard, cache_dir)
     for cache in candidates:
         try:
-            data = json.loads(cache.read_text(encoding="utf-8"))
+            data = json.loads(storage.read_text(cache))
             if (
                 data.get("version") == INDEX_VERSION
-                and data.get("shard_size") == stat.st_size
-                and data.get("shard_mtime_ns") == stat.st_mtime_ns
+                and data.get("shard_size") == size
+                and data.get("shard_mtime_ns") == mtime_ns
                 and (cache == candidates[0] or data.get("shard") == absolute)
             ):
                 return ShardIndex.from_json(data)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass  # Missing, unreadable or corrupt: rebuild.
     index = scan_shard(shard)
-    text = json.dumps(index.to_json(stat.st_size, stat.st_mtime_ns, absolute))
+    text = json.dumps(index.to_json(size, mtime_ns, absolute))
     for cache in candidates:
         if _write_atomically(cache, text):
             break
     return index
 
 
-def _write_atomically(path: Path, text: str) -> bool:
-    """Writes via a temporary file and rename, so readers never see half a file."""
+def _write_atomically(path: Any, text: str) -> bool:
+    """Writes via a temporary file and rename, so readers never see half a file (object
+    storage: one object, whole or absent); False where it cannot be written."""
+    if storage.is_remote(path):
+        try:
+            storage.write_text(path, text)
+            return True
+        except OSError:
+            return False  # A read-only bucket: try the next place.
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -349,6 +360,8 @@ class WebDatasetSource:
         size = int(columns[f"{field}_size"][row])
         if offset < 0:
             return None
+        if storage.is_remote(self.shards[shard]):
+            return self._read_remote(shard, row, field, offset, size)
         fd = self._fd(shard)
         data = os.pread(fd, size, offset)
         while len(data) < size:  # pread may return less; 0 bytes means end of file.
@@ -361,6 +374,21 @@ class WebDatasetSource:
                     f"into its {field} member",
                 )
             data += more
+        return data
+
+    def _read_remote(self, shard: int, row: int, field: str, offset: int, size: int) -> bytes:
+        """One ranged read (object storage keeps no descriptors)."""
+        try:
+            data = storage.read_range(self.shards[shard], offset, size)
+        except (FileNotFoundError, PermissionError) as e:
+            raise BadSample("missing_file", f"{self.shards[shard]}: {e}") from None
+        if len(data) < size:
+            key = self.indexes[shard].keys[row]
+            raise BadSample(
+                "truncated_member",
+                f"{self.shards[shard]}:{key}: the shard ends {size - len(data)} bytes "
+                f"into its {field} member",
+            )
         return data
 
     def _fd(self, shard: int) -> int:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from mmjax import storage
 from mmjax.runtime.config import ConfigError
 
 # Settings every type takes. data: a source spec ('' = data.eval); every: steps between runs
@@ -65,5 +66,5 @@ class NamedEvaluator(abc.ABC):
         if self.ctx.workdir is None:
             return None
         path = self.ctx.workdir / "eval" / self.name
-        path.mkdir(parents=True, exist_ok=True)
+        storage.mkdir(path)
         return path

@@ -14,6 +14,7 @@ import json
 import jax
 import numpy as np
 
+from mmjax import storage
 from mmjax.data.preprocess import decode_caption
 from mmjax.data.records import BadSample
 from mmjax.data.stats import DataStats
@@ -106,8 +107,10 @@ class CaptioningEval(NamedEvaluator):
         metrics["skipped"] = ctx.skipped(stats)
         out_dir = self.output_dir()
         if out_dir is not None and jax.process_index() == 0:
-            with open(out_dir / f"captions_{step}.jsonl", "w") as f:
-                for i, p, refs in rows:
-                    f.write(json.dumps({"index": i, "caption": p, "references": refs}) + "\n")
+            lines = [
+                json.dumps({"index": i, "caption": p, "references": refs}) + "\n"
+                for i, p, refs in rows
+            ]
+            storage.write_text(out_dir / f"captions_{step}.jsonl", "".join(lines))
         self.last_samples = list(zip(references, predictions))
         return metrics

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 import mmjax
+from mmjax import storage
 from mmjax.evals.metrics.classification import classification_metrics, plot_confusion_matrix
 from mmjax.runtime.config import ConfigError
 
@@ -43,9 +44,10 @@ def scored(labels: np.ndarray, scores: np.ndarray, classes: list[str], out_dir, 
     result = classification_metrics(labels, scores, num_classes=len(classes))
     matrix = np.asarray(result.pop("confusion_matrix"))
     if out_dir is not None and jax.process_index() == 0:
-        out_dir = Path(out_dir)
-        (out_dir / f"confusion_{step}.json").write_text(
-            json.dumps({"step": step, "classes": classes, "matrix": matrix.tolist()})
+        out_dir = storage.path(out_dir)
+        storage.write_text(
+            out_dir / f"confusion_{step}.json",
+            json.dumps({"step": step, "classes": classes, "matrix": matrix.tolist()}),
         )
         plot_confusion_matrix(matrix, classes, out_dir / f"confusion_{step}.png")
     return {k: float(v) for k, v in result.items()}

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from mmjax import storage
 from mmjax.data.pipeline import eval_batches, require_usable
 from mmjax.data.preprocess import ImageOptions
 from mmjax.data.sources import make_source
@@ -75,7 +76,7 @@ class EvalContext:
     ):
         self.config, self.model, self.mesh, self.rules = config, model, mesh, rules
         self.tokenizer = tokenizer
-        self.workdir = Path(workdir) if workdir else None
+        self.workdir = storage.path(workdir) if workdir else None
         self.image_options = ImageOptions(
             image_size=model.cfg.image_size,
             train=False,

@@ -29,7 +29,6 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -37,6 +36,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from mmjax import storage
 from mmjax.data.clips import load_clip, read_frame_folder
 from mmjax.data.csv_source import read_file
 from mmjax.data.preprocess import ImageOptions, load_image
@@ -94,7 +94,7 @@ def read_clip(item: ImageInput, options: ImageOptions, position: int = 0) -> np.
                 item = read_frame_folder(str(item), options.frames, read_file)
             else:
                 try:
-                    item = Path(item).read_bytes()
+                    item = storage.read_bytes(storage.path(item))
                 except OSError as e:
                     raise BadImage(name, e.strerror or type(e).__name__) from None
         elif not isinstance(item, np.ndarray):
@@ -117,7 +117,7 @@ def read_image(item: ImageInput, options: ImageOptions, position: int = 0) -> np
     name = image_name(item, position)
     if isinstance(item, str | os.PathLike):
         try:
-            data = Path(item).read_bytes()
+            data = storage.read_bytes(storage.path(item))
         except OSError as e:
             raise BadImage(name, e.strerror or type(e).__name__) from None
         try:
@@ -236,7 +236,7 @@ class Predictor:
         model, params = unrolled(model, params)
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.mesh, self.rules = mesh, rules
-        self.workdir = Path(workdir).resolve() if workdir is not None else None
+        self.workdir = storage.path(workdir) if workdir is not None else None
         self.step = step
         self.image_options = image_options or ImageOptions(
             image_size=model.cfg.image_size, train=False, frames=input_frames(model.cfg)

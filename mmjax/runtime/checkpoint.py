@@ -35,6 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from mmjax import storage
 from mmjax.runtime import distributed
 
 COMMIT_MARKER = "commit_success.txt"  # Written by orbax just before the commit rename.
@@ -164,9 +165,17 @@ class _Manager(ocp.CheckpointManager):
         return step == self.preemption_step
 
 
+def _copy_tree(source, target) -> None:
+    for item in source.iterdir():
+        if item.is_dir():
+            _copy_tree(item, target / item.name)
+        else:
+            (target / item.name).write_bytes(item.read_bytes())
+
+
 class Checkpointer:
     def __init__(self, directory: str | Path, *, max_to_keep: int = 3, async_save: bool = True):
-        self.directory = Path(os.path.abspath(directory))  # orbax takes absolute paths only
+        self.directory = storage.path(directory)  # orbax takes absolute paths only
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
         )
@@ -368,7 +377,12 @@ class Checkpointer:
             target = self.directory / f"{step}.unreadable.{n}"
         self._sync(f"mmjax_set_aside_{step}_named")
         if jax.process_index() == 0:
-            os.rename(self.directory / str(step), target)
+            source = self.directory / str(step)
+            if storage.is_remote(source):  # No folder rename on object storage: copy, delete.
+                storage.retry(lambda: _copy_tree(source, target), f"setting aside {source}")
+                storage.retry(source.rmtree, f"removing {source}")
+            else:
+                os.rename(source, target)
         self._sync(f"mmjax_set_aside_{step}_done")
         self._manager.reload()
         return target
@@ -379,10 +393,13 @@ class Checkpointer:
         in progress elsewhere would lose its directory."""
         names = []
         for tmp in ocp.path.step.all_temporary_paths(self.directory):
-            path = Path(tmp.get())
+            path = tmp.get()
             names.append(path.name)
             if jax.process_index() == 0:
-                shutil.rmtree(path, ignore_errors=True)
+                if storage.is_remote(path):
+                    storage.retry(path.rmtree, f"removing {path}")
+                else:
+                    shutil.rmtree(path, ignore_errors=True)
         self._sync("mmjax_remove_incomplete")  # Unconditional: others may list after the delete.
         return names
 
@@ -412,8 +429,8 @@ def read_params(
 
     Raises CheckpointError (one line) when the step is missing or nothing is readable.
     """
-    directory = Path(os.path.abspath(checkpoints))
-    if not directory.is_dir():
+    directory = storage.path(checkpoints)
+    if not storage.retry(directory.is_dir, f"reading {directory}"):
         raise CheckpointError(f"no checkpoint directory {directory}")
     checkpointer = Checkpointer(directory, async_save=False)
     try:

@@ -11,7 +11,6 @@ import ast
 import dataclasses
 import importlib.util
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ import ml_collections
 from absl import flags as absl_flags
 from ml_collections import config_flags
 
+from mmjax import storage
 from mmjax.models.config import LEGACY_KEYS, SIZES, ModelConfig, upgrade_legacy_keys
 
 CONTRASTIVE_LOSSES = ("softmax", "sigmoid")
@@ -263,9 +263,9 @@ def absolute_paths(config: ml_collections.ConfigDict) -> None:
         config.data.train = absolute_mixture(config.data.train)
     config.data.eval = absolute_spec(config.data.eval)
     if config.data.get("tokenizer"):
-        config.data.tokenizer = os.path.abspath(os.path.expanduser(config.data.tokenizer))
+        config.data.tokenizer = str(storage.path(config.data.tokenizer))
     if config.get("init_from"):
-        config.init_from = os.path.abspath(os.path.expanduser(config.init_from))
+        config.init_from = str(storage.path(config.init_from))
     for block in (config.get("evals") or {}).values():
         for key in ("data", "train_data"):
             try:
@@ -398,8 +398,7 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 def from_json_file(path: str | Path) -> ml_collections.ConfigDict:
     """A saved config.json; model keys of runs saved before the per-tower grouping are
     upgraded to their grouped names (models.config.LEGACY_KEYS)."""
-    with open(path) as f:
-        values = json.load(f)
+    values = json.loads(storage.read_text(storage.path(path)))
     if isinstance(values.get("model"), dict):
         values["model"] = upgrade_legacy_keys(values["model"])
     return ml_collections.ConfigDict(values)

@@ -14,6 +14,7 @@ import json
 import math
 import operator
 import os
+import tempfile
 import time
 import uuid
 import warnings
@@ -25,6 +26,8 @@ import numpy as np
 from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto.event_pb2 import Event
 from tensorboardX.proto.summary_pb2 import Summary
+
+from mmjax import storage
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -84,11 +87,22 @@ def _parse_line(line: bytes) -> dict[str, Any] | None:
 
 class MetricWriter:
     """Appends `{"step": step, **metrics}` lines to WORKDIR/metrics.jsonl and scalars to
-    WORKDIR/tensorboard. Every write is flushed to the OS, so a crashed process loses nothing
-    (a machine crash can still lose what the OS had not synced)."""
+    WORKDIR/tensorboard. Locally every write is flushed to the OS, so a crashed process
+    loses nothing (a machine crash can still lose what the OS had not synced).
+
+    On object storage, which has no append, both files are kept in memory and rewritten
+    whole (one atomic object each) by `flush()`: at most every `remote_flush_seconds`
+    from `write`, at `close`, and whenever the caller needs them durable. The trainer
+    flushes before every checkpoint save, so a run killed at any moment has every line up to
+    its newest checkpoint stored, and its resumption writes the rest again."""
 
     def __init__(
-        self, workdir: str | os.PathLike, enabled: bool = True, resume_step: int | None = None
+        self,
+        workdir: str | os.PathLike,
+        enabled: bool = True,
+        resume_step: int | None = None,
+        *,
+        remote_flush_seconds: float = 30.0,
     ):
         """`resume_step`: the checkpoint a resumed run restarts from. Records of later steps
         come from the interrupted run past that checkpoint; the resumed run writes them again,
@@ -97,27 +111,34 @@ class MetricWriter:
         self._closed = False
         if not enabled:
             return
-        workdir = Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
+        workdir = storage.path(workdir)
         self.path = workdir / METRICS_FILE
-        if self.path.exists():
-            self._repair_tail()
-            if resume_step is not None:
-                self._drop_after(resume_step)
-        self._file = open(self.path, "a", encoding="utf-8")
-        # tensorboardX's synchronous event writer rather than its SummaryWriter: SummaryWriter hands
-        # events to a background thread and its flush() does not wait for them, so a crash (or a
-        # reader) misses the latest steps. A unique suffix per writer, because event file names only
-        # carry the second and host, and a restart within that second would overwrite the old file.
-        (workdir / TENSORBOARD_DIR).mkdir(exist_ok=True)
-        self._events = EventsWriter(
-            str(workdir / TENSORBOARD_DIR / "events"),
-            filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}",
-        )
+        self.remote = storage.is_remote(workdir)
+        self._flush_every = remote_flush_seconds
+        self._last_flush = time.monotonic()
+        suffix = f".{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        if self.remote:
+            old = b""
+            if storage.retry(self.path.exists, f"reading {self.path}"):
+                old = storage.read_bytes(self.path)
+            self._lines = _complete_records(old, self.path, resume_step)
+            self._dirty = False
+            # Events go to a local file first; flush() uploads it under the same name.
+            self._staging = tempfile.TemporaryDirectory(prefix="mmjax-events-")
+            events_base = Path(self._staging.name) / "events"
+            self._events_remote = workdir / TENSORBOARD_DIR
+        else:
+            workdir.mkdir(parents=True, exist_ok=True)
+            if self.path.exists():
+                self._repair_tail()
+                if resume_step is not None:
+                    self._drop_after(resume_step)
+            self._file = open(self.path, "a", encoding="utf-8")
+            (workdir / TENSORBOARD_DIR).mkdir(exist_ok=True)
+            events_base = workdir / TENSORBOARD_DIR / "events"
+        self._events = EventsWriter(str(events_base), filename_suffix=suffix)
 
     def _repair_tail(self) -> None:
-        # A crash mid-write leaves a last line without its newline. Appending after it would glue
-        # the next record onto it and corrupt a line in the middle of the file: finish or drop it.
         offset, tail = _split_tail(self.path)
         if not tail:
             return
@@ -152,20 +173,45 @@ class MetricWriter:
             raise ValueError("metrics may not contain a key named 'step'; it is the record's step")
         values = {str(key): _to_float(key, value) for key, value in metrics.items()}
         record = {"step": step, **{key: _json_value(value) for key, value in values.items()}}
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._file.flush()
+        line = json.dumps(record, allow_nan=False) + "\n"
         summary = Summary(
             value=[Summary.Value(tag=key, simple_value=value) for key, value in values.items()]
         )
         self._events.write_event(Event(wall_time=time.time(), step=step, summary=summary))
         self._events.flush()
+        if self.remote:
+            self._lines.append(line.encode("utf-8"))
+            self._dirty = True
+            if time.monotonic() - self._last_flush >= self._flush_every:
+                self.flush()
+        else:
+            self._file.write(line)
+            self._file.flush()
+
+    def flush(self) -> None:
+        """Makes every record written so far durable (object storage: one upload each of
+        metrics.jsonl and the events file; locally they already are)."""
+        if not self.enabled or self._closed or not self.remote:
+            return
+        self._last_flush = time.monotonic()
+        if not self._dirty:
+            return
+        storage.write_bytes(self.path, b"".join(self._lines))
+        for local in Path(self._staging.name).iterdir():
+            storage.write_bytes(self._events_remote / local.name, local.read_bytes())
+        self._dirty = False
 
     def close(self) -> None:
         if not self.enabled or self._closed:
             return
-        self._closed = True
-        self._file.close()
         self._events.close()
+        if self.remote:
+            self._dirty = True  # The events file's last bytes came with close().
+            self.flush()
+            self._staging.cleanup()
+        else:
+            self._file.close()
+        self._closed = True
 
     def __enter__(self) -> "MetricWriter":
         return self
@@ -174,17 +220,34 @@ class MetricWriter:
         self.close()
 
 
+def _complete_records(data: bytes, path, resume_step: int | None) -> list[bytes]:
+    """The lines of a stored metrics file that a writer keeps: complete records (a cut last
+    line dropped with a warning), none past `resume_step`."""
+    lines = data.splitlines(keepends=True)
+    if lines and not lines[-1].endswith(b"\n"):
+        if _parse_line(lines[-1]) is None:
+            warnings.warn(
+                f"{path}: dropping a truncated last line ({len(lines[-1])} bytes)",
+                stacklevel=4,
+            )
+            lines = lines[:-1]
+        else:
+            lines[-1] += b"\n"
+    if resume_step is not None:
+        lines = [line for line in lines if (_parse_line(line) or {}).get("step", 0) <= resume_step]
+    return lines
+
+
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     """All records of WORKDIR/metrics.jsonl in file order (non-finite strings back to floats).
 
     A last line cut off by a crash is skipped with a warning; a bad line anywhere else is an error.
     """
-    path = Path(workdir) / METRICS_FILE
-    if not path.exists():
+    path = storage.path(workdir) / METRICS_FILE
+    if not storage.retry(path.exists, f"reading {path}"):
         raise FileNotFoundError(f"no {METRICS_FILE} in {workdir}")
     records = []
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
+    lines = storage.read_bytes(path).split(b"\n")
     # Every complete line ends with a newline, so the piece after the last one is '' or truncated.
     complete, tail = lines[:-1], lines[-1]
     for number, line in enumerate(complete, start=1):

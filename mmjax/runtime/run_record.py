@@ -48,6 +48,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from mmjax import storage
 from mmjax.models.config import LEGACY_KEYS, ModelConfig
 from mmjax.runtime import log
 from mmjax.runtime.config import ConfigError, to_json
@@ -153,7 +154,7 @@ class WorkdirLock:
     """`WORKDIR/.lock`: one training per workdir; see the module docstring."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = storage.path(path)
         self.token = uuid.uuid4().hex
         self.held = False
         self.content = json.dumps(
@@ -171,15 +172,7 @@ class WorkdirLock:
     def acquire(self) -> str | None:
         """Takes the lock; returns a note when a stale lock was taken over; raises RunRefused."""
         for _ in range(5):  # Retries only when the file changed under us.
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                pass
-            else:
-                with os.fdopen(fd, "w") as f:
-                    f.write(self.content)
-                    f.flush()
-                    os.fsync(f.fileno())
+            if storage.create_exclusive(self.path, self.content.encode()):
                 self._held()
                 return None
             raw, holder = self._read()
@@ -212,7 +205,7 @@ class WorkdirLock:
         """(raw text, parsed holder) of the lock file; (None, None) if it is gone."""
         for _ in range(20):  # A holder may be between creating and writing it.
             try:
-                raw = self.path.read_text()
+                raw = storage.read_text(self.path)
             except FileNotFoundError:
                 return None, None
             try:
@@ -228,7 +221,17 @@ class WorkdirLock:
 
     def _replace(self, seen: str) -> bool:
         """Overwrites the lock in place if it still reads `seen`. Under flock, so that of
-        two runs taking over the same stale lock at once, the second sees the first."""
+        two runs taking over the same stale lock at once, the second sees the first. On
+        object storage: deleted, then created only if absent, so of two runs taking over
+        at once one creates it and the other finds it held."""
+        if storage.is_remote(self.path):
+            if storage.read_text(self.path) != seen:
+                return False
+            storage.retry(self.path.unlink, f"removing the stale lock {self.path}")
+            if not storage.create_exclusive(self.path, self.content.encode()):
+                return False
+            self._held()
+            return True
         try:
             f = open(self.path, "r+")
         except FileNotFoundError:
@@ -264,10 +267,10 @@ class WorkdirLock:
         self.held = False
         atexit.unregister(self.release)
         try:
-            holder = json.loads(self.path.read_text())
+            holder = json.loads(storage.read_text(self.path))
             # The token is ours; the pid check keeps a forked child from releasing it.
             if holder.get("token") == self.token and holder.get("pid") == os.getpid():
-                self.path.unlink()
+                storage.retry(self.path.unlink, f"releasing {self.path}")
         except (OSError, ValueError):
             pass  # Gone or rewritten by another run: not ours to remove.
 
@@ -315,11 +318,11 @@ def check_config(
     """Config differences from WORKDIR/config.json when resuming; raises RunRefused if any
     counts and allow_config_change is not set (after printing them to stderr)."""
     path = workdir / CONFIG_FILE
-    if checkpoint_step is None or not path.is_file():
+    if checkpoint_step is None or not storage.retry(path.is_file, f"reading {path}"):
         return []  # A fresh run (or one from before config.json): nothing to compare.
     allow = bool(config.get("allow_config_change", False))
     try:
-        old = json.loads(path.read_text())
+        old = json.loads(storage.read_text(path))
         if not isinstance(old, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
@@ -432,10 +435,21 @@ def run_record(
 
 
 def read_records(workdir: str | Path) -> list[dict[str, Any]]:
-    path = Path(workdir) / RECORDS_FILE
-    if not path.is_file():
+    path = storage.path(workdir) / RECORDS_FILE
+    if not storage.retry(path.is_file, f"reading {path}"):
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+
+
+def _append_record(path, line: str) -> None:
+    """Appends one line; object storage has no append, so there the (small) file is
+    rewritten whole, one atomic object."""
+    if not storage.is_remote(path):
+        with open(path, "a") as f:
+            f.write(line)
+        return
+    old = storage.read_text(path) if storage.retry(path.exists, f"reading {path}") else ""
+    storage.write_text(path, old + line)
 
 
 # --- all of it at the start of a run -------------------------------------------------------
@@ -457,7 +471,7 @@ def start(
     `checkpoint_step`: the checkpoint the run will resume from (None: a fresh run).
     Returns process 0's lock (released at exit, or by `release()`); raises RunRefused.
     """
-    workdir = Path(workdir)
+    workdir = storage.path(workdir)
     lock, error = None, None
     if jax.process_index() == 0:
         try:
@@ -480,8 +494,7 @@ def start(
                     )
             record = run_record(config, mesh, checkpoint_step, changes)
             try:
-                with open(workdir / RECORDS_FILE, "a") as f:
-                    f.write(json.dumps(record, sort_keys=True) + "\n")
+                _append_record(workdir / RECORDS_FILE, json.dumps(record, sort_keys=True) + "\n")
             except OSError as e:  # A record is worth a note, not a lost run.
                 _log(f"could not write {workdir / RECORDS_FILE}: {e}")
     if jax.process_count() > 1:  # Every process stops if process 0 refused.

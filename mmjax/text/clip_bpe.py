@@ -17,11 +17,11 @@ import gzip
 import html
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import regex
 
+from mmjax import storage
 from mmjax.text.tokenizer import PAD_ID, caption_row, check_context_length, encode_rows
 
 MERGES = 49152 - 256 - 2  # CLIP uses the first 48894 merges of the file.
@@ -77,13 +77,14 @@ class ClipBpeTokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ClipBpeTokenizer:
-        path = Path(path)
-        if not path.is_file():
+        path = storage.path(path)
+        if not storage.retry(path.is_file, f"reading {path}"):
             raise FileNotFoundError(f"CLIP BPE vocabulary not found: {path}")
-        opener = gzip.open if path.suffix == ".gz" else open
         try:
-            with opener(path, "rt", encoding="utf-8") as f:
-                lines = f.read().split("\n")
+            data = storage.read_bytes(path)
+            if path.suffix == ".gz":
+                data = gzip.decompress(data)
+            lines = data.decode("utf-8").split("\n")
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"cannot read CLIP BPE vocabulary {path}: {e}") from None
         merges = [tuple(line.split()) for line in lines[1 : MERGES + 1]]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
+from typing import Any
 
+from mmjax import storage
 from mmjax.text.clip_bpe import ClipBpeTokenizer
 from mmjax.text.sentencepiece import Tokenizer
 from mmjax.text.tokenizer import TextTokenizer
@@ -22,6 +23,7 @@ def load_tokenizer(path: str | os.PathLike, kind: str = "sentencepiece") -> Text
     return TOKENIZERS[kind](path)
 
 
-def tokenizer_path(data: Mapping, workdir: str | os.PathLike) -> Path:
-    """A run's tokenizer: data.tokenizer, else the one it trained and keeps in its workdir."""
-    return Path(data.get("tokenizer", "") or Path(workdir) / "tokenizer.model")
+def tokenizer_path(data: Mapping, workdir: str | os.PathLike) -> Any:
+    """A run's tokenizer: data.tokenizer, else the one it trained and keeps in its workdir
+    (local or object storage)."""
+    return storage.path(data.get("tokenizer", "") or storage.path(workdir) / "tokenizer.model")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from mmjax import storage
 from mmjax.text.tokenizer import (
     BOS_ID,
     EOS_ID,
@@ -46,10 +47,11 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
-        path = Path(path)
-        if not path.is_file():
+        path = storage.path(path)
+        if not storage.retry(path.is_file, f"reading {path}"):
             raise FileNotFoundError(f"tokenizer model not found: {path}")
-        return cls(spm.SentencePieceProcessor(model_file=str(path)), name=str(path))
+        proto = storage.read_bytes(path)  # Local or object storage alike.
+        return cls(spm.SentencePieceProcessor(model_proto=proto), name=str(path))
 
     @property
     def vocab_size(self) -> int:
@@ -140,16 +142,20 @@ def train_tokenizer(
             f"sentencepiece training failed for vocab_size={vocab_size} "
             f"on {len(captions)} captions: {error}"
         ) from error
-    _write_atomically(Path(out_path), model.getvalue())
-    return Tokenizer.load(out_path)
+    target = storage.path(out_path)
+    if storage.is_remote(target):
+        storage.write_bytes(target, model.getvalue())  # One object: whole or absent.
+    else:
+        _write_atomically(target, model.getvalue())
+    return Tokenizer.load(target)
 
 
 def load_or_train_tokenizer(
     path: str | os.PathLike, captions_fn: Callable[[], Iterable[str]], vocab_size: int
 ) -> Tokenizer:
     """Loads the tokenizer cached at `path`, training it from captions_fn() if absent."""
-    path = Path(path)
-    if path.is_file():
+    path = storage.path(path)
+    if storage.retry(path.is_file, f"reading {path}"):
         return Tokenizer.load(path)
     return train_tokenizer(captions_fn(), path, vocab_size)
 

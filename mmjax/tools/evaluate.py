@@ -17,6 +17,7 @@ import sys
 
 import jax
 
+from mmjax import storage
 from mmjax.data.stats import DataError
 from mmjax.evals.suite import EvalSuite
 from mmjax.runtime import cli, distributed, log, paths
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
     metrics = suite.run(params, step, everything=True, only=only)
     metrics["step"] = step
     if jax.process_index() == 0:
-        (workdir / "eval.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        storage.write_text(workdir / "eval.json", json.dumps(metrics, indent=2, sort_keys=True))
         for key, value in sorted(metrics.items()):
             print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
         for ref, hyp in suite.default.last_samples[:5]:

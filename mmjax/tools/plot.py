@@ -7,6 +7,7 @@ Reads DIR/metrics.jsonl; the trainer's launcher calls it at the end of a run.
 
 from __future__ import annotations
 
+import io
 import math
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")  # Files only: no display needed.
 import matplotlib.pyplot as plt  # noqa: E402
 
+from mmjax import storage
 from mmjax.runtime import cli
 from mmjax.runtime.metric_writer import read_metrics  # noqa: E402
 
@@ -42,11 +44,11 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def plot_run(workdir: str | Path, out: str | Path | None = None) -> Path:
     """Writes the curves of `workdir` to `out` (default WORKDIR/curves.png); returns the path."""
-    workdir = Path(workdir)
+    workdir = storage.path(workdir)
     records = read_metrics(workdir)
     if not records:
         raise ValueError(f"{workdir}/metrics.jsonl holds no records yet")
-    out = Path(out) if out else workdir / "curves.png"
+    out = storage.path(out) if out else workdir / "curves.png"
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4), constrained_layout=True)
     for ax, (title, keys, scale) in zip(axes, PANELS):
         drawn = False
@@ -66,8 +68,10 @@ def plot_run(workdir: str | Path, out: str | Path | None = None) -> Path:
         else:
             ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(str(workdir))
-    fig.savefig(out, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    storage.write_bytes(out, png.getvalue())
     return out
 
 

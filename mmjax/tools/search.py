@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from mmjax import storage
 from mmjax.inference.predictor import Predictor
 from mmjax.runtime import cli, log
 from mmjax.runtime.checkpoint import CheckpointError
@@ -403,7 +404,7 @@ def _index_main(args) -> int:
     if not Path(args.image_dir).is_dir():
         return _error(f"image folder {args.image_dir} is not a directory")
     out = Path(args.out)
-    workdir = str(Path(args.workdir).resolve())
+    workdir = str(storage.path(args.workdir))
     if (out / MANIFEST).is_file() and not args.overwrite:  # Refuse before loading a model.
         try:
             recorded = _read_manifest(out).get("workdir")
@@ -449,7 +450,7 @@ def _query_main(args) -> int:
     workdir = args.workdir or recorded
     if workdir is None:
         return _error(f"index {args.index} records no model workdir; pass --workdir")
-    if recorded is None or Path(workdir).resolve() != Path(recorded):
+    if recorded is None or str(storage.path(workdir)) != str(storage.path(recorded)):
         step = None  # Another model: its latest checkpoint.
         log.warning(
             f"note: the index was built with {recorded} step {index.manifest.get('step')}"

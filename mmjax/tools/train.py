@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
 from mmjax.data.stats import DataError
 from mmjax.evals.suite import EvalSuite
@@ -84,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     elif trainer.is_chief:
         log.info(
-            f"done: metrics in {Path(args.workdir) / 'metrics.jsonl'}, checkpoints in "
-            f"{Path(args.workdir) / 'checkpoints'}, TensorBoard logs in "
-            f"{Path(args.workdir) / 'tensorboard'}"
+            f"done: metrics in {workdir / 'metrics.jsonl'}, checkpoints in "
+            f"{workdir / 'checkpoints'}, TensorBoard logs in "
+            f"{workdir / 'tensorboard'}"
         )
         for warning in trainer.data_warnings():
             log.warning(warning)

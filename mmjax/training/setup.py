@@ -16,6 +16,7 @@ import jax
 import ml_collections
 import optax
 
+from mmjax import storage
 from mmjax.models import attention
 from mmjax.models.coca import CoCa
 from mmjax.models.config import ModelConfig
@@ -84,8 +85,8 @@ INIT_FROM_RUN_KEYS = ("dtype", "remat", "vision.remat", "text.remat", "decoder.r
 def adopt_init_from(config: ml_collections.ConfigDict) -> None:
     """Takes model.* (and the tokenizer, unless data.tokenizer is set) from init_from's
     config.json, since the parameters must fit them; raises ConfigError in one line."""
-    source = Path(config.init_from) / "config.json"
-    if not source.is_file():
+    source = storage.path(config.init_from) / "config.json"
+    if not storage.retry(source.is_file, f"init_from={config.init_from}"):
         raise ConfigError(f"init_from={config.init_from}: {source} not found")
     saved = from_json_file(source)
     model = saved.model.to_dict()

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from mmjax import storage
 from mmjax.data.pipeline import require_usable, train_batches
 from mmjax.data.preprocess import ImageOptions
 from mmjax.data.sources import make_source, parse_mixture, read_captions
@@ -175,7 +176,7 @@ class Trainer:
         fresh."""
         try:
             step, params = read_params(
-                Path(directory) / "checkpoints", self.run.abstract_params, warn=self._log
+                storage.path(directory) / "checkpoints", self.run.abstract_params, warn=self._log
             )
         except CheckpointError as e:
             raise CheckpointError(f"init_from={directory}: {e}") from None
@@ -271,13 +272,13 @@ class Trainer:
     def _start(self) -> tuple[int, bool]:
         """Claims the workdir and restores (or creates) the state: (start step, resumed)."""
         cfg = self.config
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        storage.mkdir(self.workdir)
         # Workdir lock, config vs config.json on resume, runs.jsonl: mmjax/runtime/run_record.py.
         run_record.start(
             self.workdir, cfg, self.mesh, checkpoint_step=self.checkpointer.latest_step()
         )
         if self.is_chief:
-            (self.workdir / "config.json").write_text(to_json(cfg))
+            storage.write_text(self.workdir / "config.json", to_json(cfg))
         # Tmp directories of saves a killed run never committed (safe under the workdir lock).
         for name in self.checkpointer.remove_incomplete():
             self._log(f"removed the unfinished save {self.checkpointer.directory}/{name}")
@@ -364,9 +365,11 @@ class Trainer:
             if do_log:
                 self._write_window(loop, step)
             if do_ckpt:
+                loop.writer.flush()  # Object storage: lines up to this checkpoint are stored.
                 self._save(step)
             if do_eval:
                 self._evaluate(loop, step, everything=boundary)
+                loop.writer.flush()
             loop.window_start, loop.window_steps = time.perf_counter(), 0  # Exclude eval/ckpt.
             if stopping:
                 self.preempted_at = step
@@ -398,6 +401,8 @@ class Trainer:
         if cfg.train.on_nan == "skip":
             summary["nan_skipped_steps"] = float(self.nan_skipped_steps)
         summary["examples_per_sec"] = steps * cfg.batch_size / elapsed
+        if storage.is_remote(self.workdir) or storage.retries():
+            summary["storage_retries"] = float(storage.retries())
         summary["step_seconds"] = elapsed / steps
         summary["mfu"] = loop.flops_per_step * steps / elapsed / loop.peak
         summary.update(self.data_stats.metrics())

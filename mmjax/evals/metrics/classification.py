@@ -14,6 +14,7 @@ Conventions:
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +23,8 @@ import matplotlib
 matplotlib.use("Agg")  # Files only: no display needed.
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from mmjax import storage  # noqa: E402
 
 _ANNOTATE_MAX_CLASSES = 30  # Beyond this the counts would not be readable.
 
@@ -114,7 +117,7 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: 
     num_classes = matrix.shape[0]
     if len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
-    path = Path(path)
+    path = storage.path(path)
     size = min(4 + 0.35 * num_classes, 40)
     fig, ax = plt.subplots(figsize=(size, size), constrained_layout=True)
     image = ax.imshow(matrix, cmap="Blues", interpolation="nearest")
@@ -134,6 +137,8 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: 
                 text = f"{value:g}" if matrix.dtype.kind == "f" else str(value)
                 color = "white" if value > threshold else "black"
                 ax.text(j, i, text, ha="center", va="center", fontsize=font, color=color)
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    storage.write_bytes(path, png.getvalue())
     return path
