@@ -22,12 +22,13 @@
 #                             --config configs/coca.py:size=base --workdir /mnt/shared/run1
 #
 # Steps: describe-or-create the VM; ship the code; on every worker create ~/mmjax/.venv
-# with Python 3.11 (from apt when missing) and pip install -e . 'jax[tpu]'; then run
+# with Python 3.11 (from apt when missing) and pip install -e '.[gcs]' 'jax[tpu]'; then run
 # `python -m mmjax.train TRAIN_ARGS` on all workers at once (gcloud ssh --worker=all) with
 # MMJAX_DISTRIBUTED=tpu, so mmjax.runtime.distributed lets JAX find the pod's hosts itself.
-# Each worker reads its own rows of every batch; process 0 writes metrics. --workdir must
-# be a filesystem all workers share (NFS/Filestore, a gcsfuse mount): checkpoints are
-# written by every worker and read back by all of them.
+# Each worker reads its own rows of every batch; process 0 writes metrics. --workdir is
+# where all workers write checkpoints and read them back: a gs://BUCKET/PATH URL (the VMs'
+# service account needs read/write on the bucket) or a filesystem they share (NFS,
+# Filestore); data specs may be gs:// URLs too (wds shards, CSVs).
 set -euo pipefail
 
 usage() {
@@ -147,7 +148,7 @@ if [ "$install" = 1 ]; then
  apt-get install -y -qq python3.11 python3.11-venv; fi;\
  [ -x .venv/bin/python ] || python3.11 -m venv .venv;\
  .venv/bin/python -m pip install -q -U pip;\
- .venv/bin/python -m pip install -q -e . 'jax[tpu]'"
+ .venv/bin/python -m pip install -q -e '.[gcs]' 'jax[tpu]'"
 fi
 
 # 4. Train: the same command on every worker at once.

@@ -494,7 +494,7 @@ def test_tpu_pod_dry_run(no_cloud_tools):
     assert "gcloud compute tpus tpu-vm scp /tmp/mmjax-pod1.tar.gz pod1:mmjax.tar.gz" in out
     commands = ssh_commands(out)
     assert len(commands) == 3  # unpack, install, train
-    assert "pip install -q -e . 'jax[tpu]'" in commands[1]
+    assert "pip install -q -e '.[gcs]' 'jax[tpu]'" in commands[1]
     # The remote shell gets exactly the training arguments back.
     remote = shlex.split(commands[2])
     start = remote.index("-m")

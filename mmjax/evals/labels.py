@@ -9,9 +9,10 @@ Other source kinds carry no labels: asking for them is a ConfigError.
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Callable
-from pathlib import Path
 
+from mmjax import storage
 from mmjax.data.csv_source import CsvSource
 from mmjax.data.shapes import ShapesSource
 from mmjax.data.shapes_video import LABELS as VIDEO_LABELS
@@ -22,10 +23,10 @@ from mmjax.runtime.config import ConfigError
 SHAPES_LABELS = ("shape", "colour", "size", "position")
 
 
-def _csv_column(path: Path, key: str) -> list[str]:
+def _csv_column(path, key: str) -> list[str]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [row for row in csv.reader(f, delimiter=delimiter) if row]
+    text = storage.read_bytes(storage.path(path)).decode("utf-8-sig")
+    rows = [row for row in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter) if row]
     header, rows = rows[0], rows[1:]
     if key not in header:
         raise ConfigError(f"{path}: no label column {key!r}; columns present: {header}")

@@ -172,7 +172,10 @@ def unreadable_files(paths: Sequence[str | os.PathLike]) -> str | None:
     """
     problems = []
     for path in paths:
-        if not (os.path.isfile(path) or os.path.isdir(path)):
+        if storage.is_remote(path):
+            if not storage.is_file(str(path)):
+                problems.append(f"{path} (no such object)")
+        elif not (os.path.isfile(path) or os.path.isdir(path)):
             problems.append(f"{path} (no such file)")
         elif not os.access(path, os.R_OK):
             problems.append(f"{path} (permission denied)")

@@ -85,11 +85,17 @@ def check_bucket(value: Any, what: str) -> None:
 
 
 def read_bytes(target: Any) -> bytes:
-    return retry(target.read_bytes, f"reading {target}")
+    """The whole file; FileNotFoundError naming the URL when an object is missing."""
+    try:
+        return retry(target.read_bytes, f"reading {target}")
+    except FileNotFoundError:
+        if is_remote(target):
+            raise FileNotFoundError(f"{target}: no such object") from None
+        raise
 
 
 def read_text(target: Any) -> str:
-    return retry(lambda: target.read_text(encoding="utf-8"), f"reading {target}")
+    return read_bytes(target).decode("utf-8")
 
 
 def write_bytes(target: Any, data: bytes) -> None:

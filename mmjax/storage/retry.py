@@ -3,8 +3,9 @@
 Connection refused or reset, timeouts and HTTP 429/5xx are retried with exponential backoff
 for up to `RETRY_SECONDS` in all, then the last error stops the caller; missing files,
 permissions and bad requests raise at once. Every retry is counted (`retries()`: the run's
-metrics report it as storage_retries) and logged in one line. gcsfs and TensorStore (so
-orbax) also retry inside their own calls.
+metrics report it as storage_retries) and logged in one line. gcsfs retries inside its own
+calls first (6 tries over about 30 s): those are counted too, from the debug line it logs for
+each. TensorStore (so orbax's checkpoint I/O) also retries inside its calls, uncounted.
 """
 
 from __future__ import annotations
@@ -72,6 +73,33 @@ def retry(fn: Callable[[], T], what: str, *, budget: float = RETRY_SECONDS) -> T
             _logger.warning(f"{what}: {type(e).__name__}: {e}; retrying in {delay:.1f} s")
             time.sleep(delay * (0.75 + 0.5 * random.random()))
             delay = min(delay * 2, 10.0)
+
+
+class _CountLibraryRetries(logging.Filter):
+    """Counts the retries gcsfs makes inside its calls (it logs each at DEBUG, which this
+    filter lets the logger create, then drops below the level the logger had)."""
+
+    def __init__(self, threshold: int):
+        super().__init__()
+        self.threshold = threshold
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        global _retries
+        if "retrying after exception" in record.getMessage():
+            _retries += 1
+            _logger.warning(f"storage: gcsfs {record.getMessage()}")
+        return record.levelno >= self.threshold
+
+
+def _count_gcsfs_retries() -> None:
+    library = logging.getLogger("gcsfs")
+    if any(isinstance(f, _CountLibraryRetries) for f in library.filters):
+        return
+    library.addFilter(_CountLibraryRetries(library.getEffectiveLevel()))
+    library.setLevel(logging.DEBUG)
+
+
+_count_gcsfs_retries()
 
 
 def retries() -> int:
