@@ -275,3 +275,10 @@ def test_missing_bucket_and_object_are_one_line(gcs, bucket_data, cache_dir):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: data.train: ") and "gs://bkt/data/nothing.csv" in last
     assert len(proc.stderr.strip().splitlines()) <= 3, proc.stderr  # No traceback.
+
+
+def test_arrayrecord_urls_are_refused_in_one_line():
+    from mmjax.data.sources import make_source
+
+    with pytest.raises(ValueError, match=r"arrayrecord sources must be local files"):
+        make_source("arrayrecord:gs://bkt/ar/*.array_record", split="train", data={}, image_size=32)
