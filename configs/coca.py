@@ -77,6 +77,10 @@ def get_config(arg=None):
     config.loss.contrastive = "softmax"  # softmax (CLIP) | sigmoid (SigLIP)
     config.loss.contrastive_weight = 1.0
     config.loss.caption_weight = 2.0  # CoCa paper: lambda_cap = 2, lambda_con = 1.
+    # auto | full | chunked: the LM head + cross-entropy taken caption_chunk positions at a
+    # time, rematerialised, so no [B, T, vocab] logits exist (auto: from a 32k vocabulary).
+    config.loss.caption_logits = "auto"
+    config.loss.caption_chunk = 16
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 1e-3

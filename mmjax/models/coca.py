@@ -79,14 +79,24 @@ class CoCa(nn.Module):
         return scale, self.logit_bias
 
     def __call__(
-        self, images: Array, tokens: Array, with_captioning: bool = True
+        self,
+        images: Array,
+        tokens: Array,
+        with_captioning: bool = True,
+        caption_hidden: bool = False,
     ) -> dict[str, Array]:
+        """Embeddings, contrastive scale and bias, and the caption `logits`; with
+        `caption_hidden` the LM head's input as `caption_hidden` instead of the logits (the
+        chunked caption loss applies params['decoder']['lm_head'] itself)."""
         image_emb, caption_tokens = self.encode_image(images)
         text_emb, features = self.encode_text(tokens)
         scale, bias = self.contrastive_scale_and_bias()
         out = dict(image_emb=image_emb, text_emb=text_emb, scale=scale, bias=bias)
         if with_captioning and self.cfg.captioning:
-            out["logits"] = self.decoder(features, caption_tokens)
+            if caption_hidden:
+                out["caption_hidden"] = self.decoder(features, caption_tokens, hidden_only=True)
+            else:
+                out["logits"] = self.decoder(features, caption_tokens)
         return out
 
     def decode_step(self, tokens: Array, caption_tokens: Array | None) -> Array:

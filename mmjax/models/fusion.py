@@ -65,7 +65,10 @@ class PrefixLMDecoder(nn.Module):
         return flops + matmul_flops.dense(t_dec, wt, cfg.vocab_size)
 
     @nn.compact
-    def __call__(self, text_features: Array, image_tokens: Array | None) -> Array:
+    def __call__(
+        self, text_features: Array, image_tokens: Array | None, hidden_only: bool = False
+    ) -> Array:
+        """Logits of the text positions; with `hidden_only` the LM head's input instead."""
         cfg = self.cfg
         if image_tokens is None and not self.decode:
             raise ValueError(f"model.decoder.fusion={cfg.decoder.fusion!r} needs the image tokens")
@@ -93,5 +96,7 @@ class PrefixLMDecoder(nn.Module):
         )(x, mask)
         # Image positions predict nothing: the LM head reads the text positions only.
         x = LayerNorm(cfg, name="ln_final")(x[:, prefix:])
+        if hidden_only:
+            return constrain(x, ("batch", "length", "act_embed"))
         logits = Dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")(x)
         return constrain(logits, ("batch", "length", "act_vocab"))

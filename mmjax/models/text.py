@@ -141,7 +141,11 @@ class MultimodalDecoder(nn.Module):
         return cfg.decoder.layers * per_layer + matmul_flops.dense(t_dec, wt, cfg.vocab_size)
 
     @nn.compact
-    def __call__(self, text_features: Array, image_tokens: Array | None) -> Array:
+    def __call__(
+        self, text_features: Array, image_tokens: Array | None, hidden_only: bool = False
+    ) -> Array:
+        """Logits [B, T, V]; with `hidden_only` the LM head's input [B, T, W] instead (the
+        chunked caption loss applies the head itself: mmjax.training.losses)."""
         cfg = self.cfg
         if self.decode:
             mask = None
@@ -156,5 +160,7 @@ class MultimodalDecoder(nn.Module):
             name="blocks",
         )(text_features, mask, image_tokens)
         x = LayerNorm(cfg, name="ln_final")(x)
+        if hidden_only:
+            return constrain(x, ("batch", "length", "act_embed"))
         logits = Dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")(x)
         return constrain(logits, ("batch", "length", "act_vocab"))

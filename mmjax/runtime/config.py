@@ -307,6 +307,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("contrastive_weight", "caption_weight"):
         if config.loss[key] < 0:
             raise ConfigError(f"loss.{key}={config.loss[key]} must be >= 0")
+    caption_logits = config.loss.get("caption_logits", "auto")
+    if caption_logits not in ("auto", "full", "chunked"):  # training.objective.CAPTION_LOGITS
+        raise ConfigError(
+            f"loss.caption_logits={caption_logits!r} is unknown; allowed: auto, full, chunked"
+        )
+    if config.loss.get("caption_chunk", 16) < 1:
+        raise ConfigError(f"loss.caption_chunk={config.loss.caption_chunk} must be >= 1")
     if config.loss.contrastive_weight == 0 and config.loss.caption_weight == 0:
         raise ConfigError(
             "loss.contrastive_weight and loss.caption_weight are both 0: nothing to train"

@@ -8,7 +8,10 @@ restored or created. On process 0 (multi-process runs share the workdir):
    start while the holder lives. A lock left behind by a dead process (SIGKILL,
    power loss) on this host is taken over with a note; one from another host
    cannot be checked, so the run refuses until the user removes the file. The
-   lock is released when the process exits (also after an exception).
+   lock is released when the process exits (also after an exception). On object
+   storage the lock is created by a conditional write (GCS: ifGenerationMatch=0),
+   and a stale one is taken over by delete-then-conditional-create, so of two runs
+   taking it at once one wins.
 2. Config check: when a checkpoint exists, the config must equal the one in
    `WORKDIR/config.json` except for the keys of `RESUMABLE_KEYS`; otherwise the
    differences are printed (`key: old -> new`, one per line) and the run refuses
@@ -73,6 +76,8 @@ RESUMABLE_KEYS = (
     "model.text.remat",
     "model.decoder.remat",
     "train.microbatches",
+    "loss.caption_logits",
+    "loss.caption_chunk",
     "optimizer.offload_state",
     "data.workers",
     "data.num_threads",

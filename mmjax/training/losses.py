@@ -91,6 +91,52 @@ def caption_loss(
     return total / jnp.maximum(num_tokens, 1).astype(jnp.float32), num_tokens
 
 
+def chunked_caption_loss(
+    hidden: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array,
+    labels: jax.Array,
+    pad_id: int = 0,
+    *,
+    chunk: int = 16,
+    dtype=jnp.float32,
+) -> tuple[jax.Array, jax.Array]:
+    """`caption_loss` of the logits `hidden @ kernel + bias` without ever holding them whole.
+
+    hidden [B, T, W] (the LM head's input), kernel [W, V], bias [V], labels [B, T]. The
+    positions are taken `chunk` at a time in a scan whose body is rematerialised: the forward
+    pass keeps one chunk's [B, chunk, V] logits at a time and the backward pass recomputes
+    them, so no [B, T, V] array exists in either (the largest tensor of a step with a 256k
+    vocabulary). The head is computed in `dtype` as the model's Dense would; the softmax in f32.
+    Same (mean, count) as `caption_loss` on the full logits, to float rounding.
+    """
+    batch, length, width = hidden.shape
+    if labels.shape != (batch, length):
+        raise ValueError(f"caption labels {labels.shape} must be hidden {hidden.shape} less W")
+    pieces = -(-length // chunk)
+    padded = pieces * chunk
+    hidden = jnp.pad(hidden, ((0, 0), (0, padded - length), (0, 0)))
+    labels = jnp.pad(labels, ((0, 0), (0, padded - length)), constant_values=pad_id)
+    hidden = hidden.reshape(batch, pieces, chunk, width).swapaxes(0, 1)
+    labels = labels.reshape(batch, pieces, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def piece_loss(h, ids):
+        logits = jnp.einsum("bcw,wv->bcv", h.astype(dtype), kernel.astype(dtype))
+        logits = logits + bias.astype(dtype)
+        per_token = optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), ids
+        )
+        return jnp.sum(jnp.where(ids != pad_id, per_token, 0.0))
+
+    def body(total, xs):
+        return total + piece_loss(*xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, labels))
+    num_tokens = jnp.sum(labels != pad_id, dtype=jnp.int32)
+    return total / jnp.maximum(num_tokens, 1).astype(jnp.float32), num_tokens
+
+
 def _softmax_with_unused_bias(image_emb, text_emb, scale, bias):
     # The softmax loss is invariant to a shared additive bias, so it has none; the registry's
     # uniform signature lets the train step call either loss the same way.

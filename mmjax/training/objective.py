@@ -8,14 +8,32 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from mmjax.models.coca import CoCa
 from mmjax.text.tokenizer import PAD_ID
-from mmjax.training.losses import caption_loss
+from mmjax.training.losses import caption_loss, chunked_caption_loss
 from mmjax.training.sharded_losses import sharded_contrastive_loss
+
+# loss.caption_logits: full = the [B, T, V] logits then cross-entropy; chunked = the LM head
+# and cross-entropy CAPTION_CHUNK positions at a time, rematerialised (no [B, T, V] array);
+# auto = chunked from CHUNKED_FROM_VOCAB up, where the logits outgrow the rest of the step.
+CAPTION_LOGITS = ("auto", "full", "chunked")
+CHUNKED_FROM_VOCAB = 32768
+CAPTION_CHUNK = 16
+
+
+def caption_chunk(loss_config: ml_collections.ConfigDict, cfg) -> int:
+    """Positions per chunk of the caption loss (0: the full logits)."""
+    mode = loss_config.get("caption_logits", "auto")
+    if mode not in CAPTION_LOGITS:
+        raise ValueError(f"loss.caption_logits={mode!r} is unknown; allowed: {CAPTION_LOGITS}")
+    if mode == "full" or (mode == "auto" and cfg.vocab_size < CHUNKED_FROM_VOCAB):
+        return 0
+    return int(loss_config.get("caption_chunk", CAPTION_CHUNK))
 
 
 def loss_and_grads(
@@ -45,11 +63,18 @@ def loss_and_grads(
     caption_weight = loss_config.caption_weight
     contrastive_weight = loss_config.contrastive_weight
     with_captioning = caption_weight > 0
+    chunk = caption_chunk(loss_config, model.cfg)
     num_tokens = jnp.maximum(jnp.sum(tokens[:, 1:] != PAD_ID), 1).astype(jnp.float32)
 
     def weighted_loss(params, images, tokens, embeddings=None):
         """The loss given the pairs' embeddings (None: this batch's own)."""
-        out = model.apply({"params": params}, images, tokens, with_captioning=with_captioning)
+        out = model.apply(
+            {"params": params},
+            images,
+            tokens,
+            with_captioning=with_captioning,
+            caption_hidden=bool(chunk),
+        )
         image_emb, text_emb, scale, bias = (
             out["image_emb"],
             out["text_emb"],
@@ -61,7 +86,14 @@ def loss_and_grads(
         con = sharded_contrastive_loss(
             loss_config.contrastive, image_emb, text_emb, scale, bias, batch_axes=batch_axes
         )
-        if with_captioning:
+        if with_captioning and chunk:
+            head = nn.unbox(params["decoder"]["lm_head"])  # Boxed straight from model.init.
+            mean, count = chunked_caption_loss(
+                out["caption_hidden"], head["kernel"], head["bias"], tokens[:, 1:], PAD_ID,
+                chunk=chunk, dtype=model.cfg.compute_dtype,
+            )  # fmt: skip
+            cap = mean * count.astype(jnp.float32) / num_tokens
+        elif with_captioning:
             mean, count = caption_loss(out["logits"], tokens[:, 1:], PAD_ID)
             cap = mean * count.astype(jnp.float32) / num_tokens
         else:  # CLIP-only ablation: the decoder is not run at all.
