@@ -339,6 +339,15 @@ def test_converted_workdir_predicts_and_fine_tunes(tmp_path):
         want = oc.encode_text(torch.from_numpy(tokens.astype(np.int64)), normalize=True).numpy()
     assert max_err(predictor.embed_texts(texts), want) <= TOL
     assert len(predictor.caption([np.zeros((32, 32, 3), np.uint8)])) == 1
+    # Stopped by max_length before EOS: the rest of the row is padding, CLIP BPE's id 0, which
+    # is also the token "!"; it must not be decoded (it was: 'preferred !!!!!!!!!!').
+    from mmjax.inference.generate import GenerateOptions
+
+    image = np.random.default_rng(1).integers(0, 255, (32, 32, 3), np.uint8)
+    (short,) = predictor.caption([image], options=GenerateOptions(max_length=4))
+    (full,) = predictor.caption([image])
+    assert short and not short.endswith("!!") and len(short.split()) <= 4, short
+    assert full.replace(" ", "").startswith(short.replace(" ", "")), (short, full)
 
     workdir = tmp_path / "finetune"
     run = subprocess.run(

@@ -21,7 +21,7 @@ from mmjax.data.stats import DataStats
 from mmjax.evals.base import NamedEvaluator
 from mmjax.evals.context import Subset
 from mmjax.evals.metrics.coco_captions import caption_scores
-from mmjax.inference.generate import GenerateOptions
+from mmjax.inference.generate import GenerateOptions, generated_positions
 from mmjax.runtime import sharding as shd
 from mmjax.runtime.config import ConfigError
 
@@ -87,7 +87,8 @@ class CaptioningEval(NamedEvaluator):
                 indices.append(batch["index"])
         index = np.concatenate(indices)
         keep = index >= 0
-        predictions = ctx.tokenizer.decode_batch(np.concatenate(tokens)[keep])
+        span = generated_positions(self.options, ctx.model.cfg.context_length)
+        predictions = ctx.tokenizer.decode_batch(np.concatenate(tokens)[keep][:, :span])
         index = index[keep]
         rows = [(int(i), p, self._references(int(i))) for i, p in zip(index, predictions)]
         rows = [row for row in rows if row[2]]  # Images without a usable reference: unscored.

@@ -427,6 +427,13 @@ def generate(
     return _greedy_or_sample(setup, caption_tokens, rng)
 
 
+def generated_positions(options: GenerateOptions, context_length: int) -> int:
+    """How many leading positions of `generate`'s rows can hold text: BOS and max_length
+    tokens. The rest is padding, which a tokenizer must never decode (CLIP BPE's id 0, the
+    pad id, is also the token "!")."""
+    return 1 + (options.max_length or context_length - 1)
+
+
 def unrolled(model: CoCa, params) -> tuple[CoCa, Any]:
     """(model, params) in the unrolled-layer layout (model.scan_layers=False), for inference.
 

@@ -42,7 +42,7 @@ from mmjax.data.csv_source import read_file
 from mmjax.data.preprocess import ImageOptions, load_image
 from mmjax.data.records import BadSample
 from mmjax.inference.functions import InferenceFunctions
-from mmjax.inference.generate import GenerateOptions, unrolled
+from mmjax.inference.generate import GenerateOptions, generated_positions, unrolled
 from mmjax.inference.prompts import class_embeddings
 from mmjax.models.coca import CoCa
 from mmjax.models.config import ModelConfig
@@ -437,7 +437,8 @@ class Predictor:
                 # Each batch samples with its own key: reproducible for a given seed.
                 rng = jax.device_put(jax.random.fold_in(key, number), self._replicated)
                 tokens = self._run(fn, rows, self._image_rows, batch.images, rng)
-                texts = self._tokenizer().decode_batch(tokens)
+                span = generated_positions(options, self.model.cfg.context_length)
+                texts = self._tokenizer().decode_batch(np.asarray(tokens)[:, :span])
             yield batch, texts
 
     def caption(
