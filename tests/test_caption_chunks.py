@@ -85,6 +85,7 @@ def test_auto_chunks_from_a_large_vocabulary_and_bad_values_are_refused():
     assert caption_chunk(_loss_config("auto", 8), large) == 8
     assert caption_chunk(_loss_config("full"), large) == 0
     assert caption_chunk(_loss_config("chunked", 3), small) == 3
+    assert caption_chunk(_loss_config("chunked", 15), small) == 0  # One chunk: the full path.
     from mmjax.runtime.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=r"^loss.caption_logits='tiled' is unknown; allowed"):

@@ -33,7 +33,9 @@ def caption_chunk(loss_config: ml_collections.ConfigDict, cfg) -> int:
         raise ValueError(f"loss.caption_logits={mode!r} is unknown; allowed: {CAPTION_LOGITS}")
     if mode == "full" or (mode == "auto" and cfg.vocab_size < CHUNKED_FROM_VOCAB):
         return 0
-    return int(loss_config.get("caption_chunk", CAPTION_CHUNK))
+    chunk = int(loss_config.get("caption_chunk", CAPTION_CHUNK))
+    # One chunk covering every position would only add the recomputation.
+    return 0 if chunk >= cfg.context_length - 1 else chunk
 
 
 def loss_and_grads(
