@@ -277,8 +277,37 @@ def test_missing_bucket_and_object_are_one_line(gcs, bucket_data, cache_dir):
     assert len(proc.stderr.strip().splitlines()) <= 3, proc.stderr  # No traceback.
 
 
-def test_arrayrecord_urls_are_refused_in_one_line():
+ARRAYRECORD_CHECK = r"""
+import json, sys
+from mmjax.data.sources import make_source
+local, remote = (make_source(spec, split="train", data={}, image_size=40) for spec in sys.argv[1:])
+same = all(local[i]["image"] == remote[i]["image"] and local[i]["caption"] == remote[i]["caption"]
+           for i in range(len(local)))
+print(json.dumps(dict(n=len(remote), same=same, paths=remote.paths)))
+"""
+
+
+@pytest.mark.slow
+def test_arrayrecord_shards_in_the_bucket_read_through_a_local_copy(gcs, bucket_data, tmp_path):
+    """array_record opens local files only: the shards are copied once into the local object
+    cache (one per object generation) and read from there, record for record."""
+    from mmjax.data.arrayrecord_source import write_arrayrecord_shards
     from mmjax.data.sources import make_source
 
-    with pytest.raises(ValueError, match=r"arrayrecord sources must be local files"):
-        make_source("arrayrecord:gs://bkt/ar/*.array_record", split="train", data={}, image_size=32)
+    local = tmp_path / "ar"
+    source = make_source(f"csv:{bucket_data / 'train.csv'}", split="train", data={}, image_size=40)
+    write_arrayrecord_shards(source, local, num_shards=2)
+    _upload(gcs, local, "bkt/data/ar")
+    cache = tmp_path / "cache"
+    env = dict(os.environ, **gcs.env, JAX_PLATFORMS="cpu", MMJAX_CACHE=str(cache))
+    specs = [f"arrayrecord:{local}/*.array_record", "arrayrecord:gs://bkt/data/ar/*.array_record"]
+    for _ in range(2):  # The second time from the cache.
+        proc = subprocess.run(
+            [sys.executable, "-c", ARRAYRECORD_CHECK, *specs],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert result["n"] == 64 and result["same"]
+        assert all(p.startswith(str(cache / "objects")) for p in result["paths"])
+    assert len(list((cache / "objects").iterdir())) == 2

@@ -21,7 +21,6 @@ language-neutral):
 from __future__ import annotations
 
 import concurrent.futures
-import glob
 import operator
 import os
 import struct
@@ -33,6 +32,7 @@ import grain
 import tqdm
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from mmjax import storage
 from mmjax.data.records import BadSample, Source
 
 MAGIC = b"MMJ1"
@@ -102,15 +102,22 @@ class ArrayRecordSource:
     """Records of ArrayRecord shards: {"key": str, "image": bytes, "caption": bytes | None}.
 
     Shards are read in sorted file-name order, which for the names that
-    `write_arrayrecord_shards` writes is the order of the source they came from.
+    `write_arrayrecord_shards` writes is the order of the source they came from. A
+    `gs://` glob is copied shard by shard into the local object cache first
+    (mmjax.storage.local_copy; $MMJAX_CACHE/objects), since array_record reads local files.
     """
 
     def __init__(self, path_glob: str):
         self.path_glob = path_glob
         self.name = f"arrayrecord:{path_glob}"
-        self.paths = sorted(glob.glob(path_glob))
+        self.paths = storage.glob(path_glob)
         if not self.paths:
             raise FileNotFoundError(f"no ArrayRecord file matches {path_glob!r}")
+        if storage.is_remote(path_glob):
+            # array_record's reader opens local files only: each shard is copied once into
+            # the local object cache (kept per object generation), then read from there.
+            cache = storage.local_cache()
+            self.paths = [str(storage.local_copy(p, cache)) for p in self.paths]
         # Opens readers lazily, locks internally, and pickles without them.
         self._records = grain.sources.ArrayRecordDataSource(self.paths)
 

@@ -178,12 +178,6 @@ def make_source(
         from mmjax.data.wds_source import WebDatasetSource
 
         return WebDatasetSource(path, cache_dir=cache_dir)
-    if storage.is_remote(path):  # array_record's reader opens local files only.
-        raise ValueError(
-            f"{spec}: arrayrecord sources must be local files (array_record reads no "
-            f"{storage.scheme(path)}:// URLs); use wds:{path.rsplit('/', 1)[0]}/... shards or "
-            "copy the files to local disk"
-        )
     from mmjax.data.arrayrecord_source import ArrayRecordSource
 
     return ArrayRecordSource(path)

@@ -120,18 +120,29 @@ def mkdir(target: Any) -> None:
         target.mkdir(parents=True, exist_ok=True)
 
 
-def local_copy(target: Any, cache: Path) -> Path:
-    """A local file with `target`'s bytes (for libraries that only open local paths: the
-    sentencepiece model, PIL's lazy readers); a local `target` is returned as it is."""
+def local_copy(target: str, cache: Path) -> Path:
+    """A local file with the object's bytes, for libraries that open local paths only
+    (array_record's reader); a local `target` is returned as it is. Copies are kept in
+    `cache` under the object's name, size and generation, so a changed object is copied
+    again and an unchanged one never is; a copy is renamed into place whole."""
     if not is_remote(target):
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    local = cache / re.sub(r"[^A-Za-z0-9._-]", "_", str(target).split("://", 1)[1])
+        return Path(target)
+    size, stamp = stat(target)
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", str(target).split("://", 1)[1])
+    local = cache / f"{name}.{size}.{stamp}"
     if not local.exists():
-        tmp = local.with_name(local.name + f".{os.getpid()}.tmp")
-        tmp.write_bytes(read_bytes(target))
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
+        fs, key = _fs(target)
+        retry(lambda: fs.get_file(key, str(tmp)), f"copying {target}")
         os.replace(tmp, local)
     return local
+
+
+def local_cache() -> Path:
+    """Where local copies of objects go: $MMJAX_CACHE/objects (default ~/.cache/mmjax)."""
+    root = os.environ.get("MMJAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mmjax")
+    return Path(root) / "objects"
 
 
 def create_exclusive(target: Any, data: bytes) -> bool:

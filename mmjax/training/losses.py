@@ -124,9 +124,7 @@ def chunked_caption_loss(
     def piece_loss(h, ids):
         logits = jnp.einsum("bcw,wv->bcv", h.astype(dtype), kernel.astype(dtype))
         logits = logits + bias.astype(dtype)
-        per_token = optax.softmax_cross_entropy_with_integer_labels(
-            logits.astype(jnp.float32), ids
-        )
+        per_token = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), ids)
         return jnp.sum(jnp.where(ids != pad_id, per_token, 0.0))
 
     def body(total, xs):
