@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 from mmjax.training import losses
 from mmjax.runtime import sharding as shd
 from mmjax.training.sharded_losses import (
-    chunked_sigmoid_loss, local_softmax_loss, sharded_contrastive_loss,
+    chunked_sigmoid_loss, local_softmax_loss, ring_softmax_loss, sharded_contrastive_loss,
 )
 
 assert jax.device_count() == 8
@@ -64,7 +64,10 @@ SHARDED = {
     "sigmoid": lambda i, t, s, b, mesh, axes: chunked_sigmoid_loss(
         i, t, s, b, mesh=mesh, batch_axes=axes
     ),
-    "softmax": lambda i, t, s, b, mesh, axes: local_softmax_loss(
+    "softmax": lambda i, t, s, b, mesh, axes: ring_softmax_loss(
+        i, t, s, mesh=mesh, batch_axes=axes
+    ),
+    "softmax_local": lambda i, t, s, b, mesh, axes: local_softmax_loss(
         i, t, s, mesh=mesh, batch_axes=axes
     ),
 }
@@ -72,14 +75,15 @@ PLAIN = {
     "sigmoid": losses.sigmoid_contrastive_loss,
     "softmax": lambda i, t, s, b: losses.softmax_contrastive_loss(i, t, s),
 }
+PLAIN["softmax_local"] = PLAIN["softmax"]
 NAMES = ("value", "image", "text", "scale", "bias")
 
 
-def compare(mesh, axes, image, text, scale=10.0, bias=-5.0):
+def compare(mesh, axes, image, text, scale=10.0, bias=-5.0, names=("sigmoid", "softmax")):
     rows = NamedSharding(mesh, P(axes, None))
     image_s, text_s = jax.device_put(image, rows), jax.device_put(text, rows)
     result = {}
-    for name in ("sigmoid", "softmax"):
+    for name in names:
         fn = lambda i, t, s, b: SHARDED[name](i, t, s, b, mesh, axes)
         value, grads = jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2, 3)))(
             image_s, text_s, scale, bias
@@ -89,7 +93,7 @@ def compare(mesh, axes, image, text, scale=10.0, bias=-5.0):
         )
         got, want = (value, *grads), (ref_value, *ref_grads)
         errors = {k: rel_err(g, w) for k, g, w in zip(NAMES, got, want)}
-        if name == "softmax":
+        if name.startswith("softmax"):
             del errors["bias"]  # The softmax loss has no bias: both gradients are zero.
         result[name] = dict(
             errors=errors,
@@ -118,6 +122,14 @@ for case, (shape, axes) in CASES.items():
     n = int(np.prod([mesh.shape[a] for a in axes]))
     image, text = embeddings(n, 4 * n, 8)  # B_local = 4.
     out["cases"][case] = dict(split=n, **compare(mesh, axes, image, text))
+# The all-gather form of the softmax loss (kept for the loss benchmark), on an odd and a
+# two-axis split.
+for case in ("data3_fsdp2", "data2_fsdp2_tensor2"):
+    shape, axes = CASES[case]
+    mesh = mesh_of(*shape)
+    n = int(np.prod([mesh.shape[a] for a in axes]))
+    image, text = embeddings(n, 4 * n, 8)
+    out["cases"][case].update(compare(mesh, axes, image, text, names=("softmax_local",)))
 
 # bf16 embeddings (the model's mixed-precision output): same f32 maths, bf16 gradients.
 image, text = embeddings(1, 16, 8, jnp.bfloat16)
@@ -196,9 +208,12 @@ def temp_bytes(fn, n, local=64, dim=32):
 
 chunked = lambda i, t, s, b, mesh: SHARDED["sigmoid"](i, t, s, b, mesh, ("data",))
 gathered = lambda i, t, s, b, mesh: losses.sigmoid_contrastive_loss(i, t, s, b)
+ring = lambda i, t, s, b, mesh: SHARDED["softmax"](i, t, s, b, mesh, ("data",))
+local = lambda i, t, s, b, mesh: SHARDED["softmax_local"](i, t, s, b, mesh, ("data",))
 out["memory"] = {
     f"{name}_{n}": temp_bytes(fn, n)
-    for name, fn in (("chunked", chunked), ("gathered", gathered))
+    for name, fn in (("chunked", chunked), ("gathered", gathered), ("ring", ring),
+                     ("local", local))
     for n in (4, 8)
 }
 print(json.dumps(out))
@@ -264,6 +279,21 @@ def test_chunked_sigmoid_passes_texts_around_the_ring_instead_of_gathering(shard
     # The detector sees a gather where there is one, so the zero above means something.
     assert hlo["gathered"].get("all-gather", 0) >= 1, hlo["gathered"]
     assert hlo["local_softmax"].get("all-gather", 0) >= 1, hlo["local_softmax"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["data3_fsdp2", "data2_fsdp2_tensor2"])
+def test_the_all_gather_softmax_still_matches_the_plain_loss(sharded, case):
+    _assert_close(sharded["cases"][case]["softmax_local"]["errors"], f"softmax_local on {case}")
+
+
+@pytest.mark.slow
+def test_ring_softmax_memory_does_not_grow_with_the_ring(sharded):
+    memory = sharded["memory"]
+    # The all-gather form holds B_local x B_global logits: twice the devices, twice the logits.
+    assert memory["local_8"] >= 1.6 * memory["local_4"], memory
+    assert memory["ring_8"] <= 1.25 * memory["ring_4"], memory
+    assert memory["ring_8"] < 0.5 * memory["local_8"], memory
 
 
 @pytest.mark.slow
@@ -355,8 +385,10 @@ def test_loss_bench_reports_chunked_below_gathered(capsys):
         "sigmoid/chunked",
         "softmax/gathered",
         "softmax/local",
+        "softmax/ring",
     }
     for row in rows:
         assert row["devices"] == 4 and row["global_batch"] == 128
         assert row["temp_bytes"] > 0 and row["argument_bytes"] >= 2 * 32 * 16 * 4
     assert by_loss["sigmoid/chunked"]["temp_bytes"] < by_loss["sigmoid/gathered"]["temp_bytes"]
+    assert by_loss["softmax/ring"]["temp_bytes"] < by_loss["softmax/local"]["temp_bytes"]

@@ -9,6 +9,8 @@ value_and_grad (w.r.t. both embeddings, scale and bias) of:
 - `sigmoid/chunked`: `sharded_losses.chunked_sigmoid_loss` (ring of B_local x B_local blocks);
 - `softmax/gathered`: `losses.softmax_contrastive_loss` on batch-sharded inputs;
 - `softmax/local`: `sharded_losses.local_softmax_loss` (B_local x B_global blocks);
+- `softmax/ring`: `sharded_losses.ring_softmax_loss` (ring of B_local x B_local blocks with
+  running log-sum-exps; what training uses);
 
 and reports the compiled program's per-device temp, argument and output bytes
 (`compiled.memory_analysis()`) and the compile time. Nothing is executed. Prints a table, or
@@ -27,7 +29,13 @@ import time
 from mmjax.runtime import cli
 from mmjax.training import losses, sharded_losses
 
-VARIANTS = ("sigmoid/gathered", "sigmoid/chunked", "softmax/gathered", "softmax/local")
+VARIANTS = (
+    "sigmoid/gathered",
+    "sigmoid/chunked",
+    "softmax/gathered",
+    "softmax/local",
+    "softmax/ring",
+)
 
 
 def _measure(per_device_batch: int, dim: int) -> list[dict]:
@@ -52,6 +60,9 @@ def _measure(per_device_batch: int, dim: int) -> list[dict]:
         ),
         "softmax/gathered": lambda i, t, s, b: losses.softmax_contrastive_loss(i, t, s),
         "softmax/local": lambda i, t, s, b: sharded_losses.local_softmax_loss(
+            i, t, s, mesh=mesh, batch_axes=axes
+        ),
+        "softmax/ring": lambda i, t, s, b: sharded_losses.ring_softmax_loss(
             i, t, s, mesh=mesh, batch_axes=axes
         ),
     }

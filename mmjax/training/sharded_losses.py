@@ -15,7 +15,12 @@ Here both losses run inside `shard_map` over the batch axes:
   position in the batch; the text->image direction reduces column log-sum-exps across devices
   (B_global-vectors) rather than gathering the images too. Memory O(B_local * B_global + B * D).
 
-Both equal the unsharded losses on the gathered arrays, value and gradients. Inputs are
+- `ring_softmax_loss` (CLIP, what training uses): the text shards go once around the ring, each
+  carrying the running log-sum-exp of its columns while every device accumulates its rows' one,
+  so a device holds B_local x B_local logits only; a custom VJP replays the ring. Memory
+  O(B_local^2 + B_local * D), n hops of communication instead of one all-gather.
+
+All equal the unsharded losses on the gathered arrays, value and gradients. Inputs are
 [B_global, D] arrays whose batch dimension is split over `batch_axes` (in that order, first axis
 major, as `PartitionSpec(batch_axes)` lays it out) and replicated over the other mesh axes.
 """
@@ -304,6 +309,118 @@ def local_softmax_loss(
 
 
 # ---------------------------------------------------------------------------------------------
+# Softmax (CLIP), ring with running log-sum-exps.
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _ring_softmax(axes: tuple[str, ...], n: int, global_batch: int):
+    """The per-device body of `ring_softmax_loss` for a ring of n devices: local (image, text,
+    scale) -> the replicated loss, with a custom VJP that replays the ring."""
+
+    def block_logits(image32, text, scale):
+        return scale * _sims(image32, text)
+
+    def forward(image, text, scale):
+        image32 = image.astype(jnp.float32)
+        local = image.shape[0]
+        positives = scale * jnp.sum(image32 * text.astype(jnp.float32), axis=1)
+        empty = jnp.full((local,), -jnp.inf, jnp.float32) + 0.0 * positives
+
+        def hop(k, carry):
+            held, held_lse, row_lse = carry  # Texts of device i-k, their column log-sum-exps.
+            logits = block_logits(image32, held, scale)
+            row_lse = jnp.logaddexp(row_lse, jax.nn.logsumexp(logits, axis=1))
+            held_lse = jnp.logaddexp(held_lse, jax.nn.logsumexp(logits, axis=0))
+            held, held_lse = _shift((held, held_lse), axes, n, 1)
+            return held, held_lse, row_lse
+
+        # n hops: every text shard visits every device and comes home with whole columns.
+        _, column_lse, row_lse = jax.lax.fori_loop(0, n, hop, (text, empty, empty))
+        total = jnp.sum(row_lse - positives) + jnp.sum(column_lse - positives)
+        loss = jax.lax.psum(total, axes) / (2 * global_batch)
+        return loss, (row_lse, column_lse)
+
+    @jax.custom_vjp
+    def loss(image, text, scale):
+        return forward(image, text, scale)[0]
+
+    def loss_fwd(image, text, scale):
+        value, (row_lse, column_lse) = forward(image, text, scale)
+        # Saved: the inputs and two B_local-vectors; each block's logits are recomputed.
+        return value, (image, text, scale, row_lse, column_lse)
+
+    def loss_bwd(residuals, g):
+        image, text, scale, row_lse, column_lse = residuals
+        image32 = image.astype(jnp.float32)
+        weight = g / (2 * global_batch)
+        eye = jnp.eye(image.shape[0], dtype=jnp.float32)
+
+        def hop(k, carry):
+            held, held_lse, held_grad, d_image, d_scale = carry
+            held32 = held.astype(jnp.float32)
+            sims = _sims(image32, held)
+            logits = scale * sims
+            # d/dlogits of row and column log-sum-exps: their softmaxes; the positives (the
+            # diagonal of the own block, k = 0) enter both directions with -1.
+            d_logits = weight * (
+                jnp.exp(logits - row_lse[:, None])
+                + jnp.exp(logits - held_lse[None, :])
+                - 2.0 * jnp.where(k == 0, eye, 0.0)
+            )
+            d_image = d_image + scale * jnp.matmul(d_logits, held32, precision=_PRECISION)
+            held_grad = held_grad + scale * jnp.matmul(d_logits.T, image32, precision=_PRECISION)
+            d_scale = d_scale + jnp.sum(d_logits * sims)
+            held, held_lse, held_grad = _shift((held, held_lse, held_grad), axes, n, 1)
+            return held, held_lse, held_grad, d_image, d_scale
+
+        zeros = 0.0 * image32
+        carry = (text, column_lse, zeros, zeros, jnp.sum(zeros[0, :1]))
+        _, _, d_text, d_image, d_scale = jax.lax.fori_loop(0, n, hop, carry)
+        return (
+            d_image.astype(image.dtype),
+            d_text.astype(text.dtype),
+            jax.lax.psum(d_scale, axes),
+        )
+
+    loss.defvjp(loss_fwd, loss_bwd)
+    return loss
+
+
+def ring_softmax_loss(
+    image_emb: jax.Array,
+    text_emb: jax.Array,
+    scale: jax.Array,
+    *,
+    mesh=None,
+    batch_axes: Sequence[str],
+) -> jax.Array:
+    """CLIP loss over a batch split across `batch_axes`, at memory constant in the ring size.
+
+    The text shards travel once around the device ring (`ppermute`), each carrying the running
+    log-sum-exp of its columns; every device keeps the running log-sum-exp of its image rows.
+    A device therefore only ever holds B_local x B_local logits and B_local-vectors; the custom
+    VJP replays the ring (texts travel with their gradient accumulators and column log-sum-exps),
+    saving nothing per hop. n hops instead of `local_softmax_loss`'s one all-gather: the price
+    of O(B_local^2 + B_local * D) memory per device. Equals
+    `losses.softmax_contrastive_loss(image_emb, text_emb, scale)` in value and gradients; same
+    input layout and mesh rules as `chunked_sigmoid_loss`.
+    """
+    image_emb, text_emb = jnp.asarray(image_emb), jnp.asarray(text_emb)
+    mesh = _resolve_mesh(mesh)
+    axes = tuple(batch_axes)
+    n = _split_size(mesh, axes)
+    _check_embeddings(image_emb, text_emb, n)
+    scale = jnp.asarray(scale, jnp.float32)
+    if n == 1:
+        return losses.softmax_contrastive_loss(image_emb, text_emb, scale)
+    body = _ring_softmax(axes, n, image_emb.shape[0])
+    rows = P(axes, None)
+    sharded = _shard_map(body, mesh=mesh, in_specs=(rows, rows, P()), out_specs=P())
+    return sharded(image_emb, text_emb, scale)
+
+
+# ---------------------------------------------------------------------------------------------
 # Dispatch by config name, like losses.contrastive_loss.
 # ---------------------------------------------------------------------------------------------
 
@@ -319,7 +436,7 @@ def sharded_contrastive_loss(
     batch_axes: Sequence[str],
 ) -> jax.Array:
     """`losses.contrastive_loss(name, ...)` for a batch split over `batch_axes` of `mesh`:
-    'sigmoid' -> `chunked_sigmoid_loss`, 'softmax' -> `local_softmax_loss` (bias unused). With
+    'sigmoid' -> `chunked_sigmoid_loss`, 'softmax' -> `ring_softmax_loss` (bias unused). With
     a batch split 1 way (or no batch axes) it is the plain loss. Same errors as contrastive_loss.
     """
     if name not in losses.LOSSES:
@@ -332,4 +449,4 @@ def sharded_contrastive_loss(
         return losses.contrastive_loss(name, image_emb, text_emb, scale, bias)
     if name == "sigmoid":
         return chunked_sigmoid_loss(image_emb, text_emb, scale, bias, mesh=mesh, batch_axes=axes)
-    return local_softmax_loss(image_emb, text_emb, scale, mesh=mesh, batch_axes=axes)
+    return ring_softmax_loss(image_emb, text_emb, scale, mesh=mesh, batch_axes=axes)
