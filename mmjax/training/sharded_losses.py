@@ -77,6 +77,16 @@ def _check_embeddings(image_emb, text_emb, num_shards: int) -> None:
         )
 
 
+def _inputs(image_emb, text_emb, scale, mesh, batch_axes: Sequence[str]):
+    """(image, text, f32 scale, mesh, axes, number of batch shards), checked."""
+    image_emb, text_emb = jnp.asarray(image_emb), jnp.asarray(text_emb)
+    mesh = _resolve_mesh(mesh)
+    axes = tuple(batch_axes)
+    n = _split_size(mesh, axes)
+    _check_embeddings(image_emb, text_emb, n)
+    return image_emb, text_emb, jnp.asarray(scale, jnp.float32), mesh, axes, n
+
+
 def _shard_index(batch_axes: Sequence[str], mesh) -> jax.Array:
     """This device's position along the batch: row-major over `batch_axes`, as P(batch_axes)
     lays the batch dimension out (the first axis is the slowest-moving)."""
@@ -235,12 +245,9 @@ def chunked_sigmoid_loss(
     or AbstractMesh; None: the current one from `jax.set_mesh`). `scale`, `bias`: scalars.
     Returns a replicated f32 scalar.
     """
-    image_emb, text_emb = jnp.asarray(image_emb), jnp.asarray(text_emb)
-    mesh = _resolve_mesh(mesh)
-    axes = tuple(batch_axes)
-    n = _split_size(mesh, axes)
-    _check_embeddings(image_emb, text_emb, n)
-    scale = jnp.asarray(scale, jnp.float32)
+    image_emb, text_emb, scale, mesh, axes, n = _inputs(
+        image_emb, text_emb, scale, mesh, batch_axes
+    )
     bias = jnp.asarray(bias, jnp.float32)
     if n == 1:
         return losses.sigmoid_contrastive_loss(image_emb, text_emb, scale, bias)
@@ -275,12 +282,9 @@ def local_softmax_loss(
     (gradients reach the other devices' texts through the all-gather's transpose, a
     reduce-scatter). Same input layout and mesh rules as `chunked_sigmoid_loss`.
     """
-    image_emb, text_emb = jnp.asarray(image_emb), jnp.asarray(text_emb)
-    mesh = _resolve_mesh(mesh)
-    axes = tuple(batch_axes)
-    n = _split_size(mesh, axes)
-    _check_embeddings(image_emb, text_emb, n)
-    scale = jnp.asarray(scale, jnp.float32)
+    image_emb, text_emb, scale, mesh, axes, n = _inputs(
+        image_emb, text_emb, scale, mesh, batch_axes
+    )
     if n == 1:
         return losses.softmax_contrastive_loss(image_emb, text_emb, scale)
     global_batch = image_emb.shape[0]
@@ -406,12 +410,9 @@ def ring_softmax_loss(
     `losses.softmax_contrastive_loss(image_emb, text_emb, scale)` in value and gradients; same
     input layout and mesh rules as `chunked_sigmoid_loss`.
     """
-    image_emb, text_emb = jnp.asarray(image_emb), jnp.asarray(text_emb)
-    mesh = _resolve_mesh(mesh)
-    axes = tuple(batch_axes)
-    n = _split_size(mesh, axes)
-    _check_embeddings(image_emb, text_emb, n)
-    scale = jnp.asarray(scale, jnp.float32)
+    image_emb, text_emb, scale, mesh, axes, n = _inputs(
+        image_emb, text_emb, scale, mesh, batch_axes
+    )
     if n == 1:
         return losses.softmax_contrastive_loss(image_emb, text_emb, scale)
     body = _ring_softmax(axes, n, image_emb.shape[0])
