@@ -80,6 +80,9 @@ def get_config(arg=None):
     # auto | full | chunked: the LM head + cross-entropy taken caption_chunk positions at a
     # time, rematerialised, so no [B, T, vocab] logits exist (auto: from a 32k vocabulary).
     config.loss.caption_logits = "auto"
+    # Sharded softmax loss: gather (one all-gather, B_local x B_global logits per device) |
+    # ring (texts around the device ring, B_local x B_local: memory flat in the device count).
+    config.loss.sharded_softmax = "gather"
     config.loss.caption_chunk = 16
 
     config.optimizer = ml_collections.ConfigDict()

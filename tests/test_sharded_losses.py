@@ -191,7 +191,10 @@ def collectives(fn):
 out["hlo"] = {
     "chunked": collectives(lambda i, t, s, b: SHARDED["sigmoid"](i, t, s, b, mesh, axes)),
     "gathered": collectives(losses.sigmoid_contrastive_loss),
-    "local_softmax": collectives(lambda i, t, s, b: SHARDED["softmax"](i, t, s, b, mesh, axes)),
+    "local_softmax": collectives(
+        lambda i, t, s, b: SHARDED["softmax_local"](i, t, s, b, mesh, axes)
+    ),
+    "ring_softmax": collectives(lambda i, t, s, b: SHARDED["softmax"](i, t, s, b, mesh, axes)),
 }
 
 
@@ -279,6 +282,8 @@ def test_chunked_sigmoid_passes_texts_around_the_ring_instead_of_gathering(shard
     # The detector sees a gather where there is one, so the zero above means something.
     assert hlo["gathered"].get("all-gather", 0) >= 1, hlo["gathered"]
     assert hlo["local_softmax"].get("all-gather", 0) >= 1, hlo["local_softmax"]
+    assert hlo["ring_softmax"].get("collective-permute", 0) >= 2, hlo["ring_softmax"]
+    assert hlo["ring_softmax"].get("all-gather", 0) == 0, hlo["ring_softmax"]
 
 
 @pytest.mark.slow

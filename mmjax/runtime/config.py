@@ -312,6 +312,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"loss.caption_logits={caption_logits!r} is unknown; allowed: auto, full, chunked"
         )
+    if config.loss.get("sharded_softmax", "gather") not in ("gather", "ring"):
+        raise ConfigError(
+            f"loss.sharded_softmax={config.loss.sharded_softmax!r} is unknown; allowed: "
+            "gather, ring"
+        )
     if config.loss.get("caption_chunk", 16) < 1:
         raise ConfigError(f"loss.caption_chunk={config.loss.caption_chunk} must be >= 1")
     if config.loss.contrastive_weight == 0 and config.loss.caption_weight == 0:

@@ -75,28 +75,32 @@ def retry(fn: Callable[[], T], what: str, *, budget: float = RETRY_SECONDS) -> T
             delay = min(delay * 2, 10.0)
 
 
-class _CountLibraryRetries(logging.Filter):
-    """Counts the retries gcsfs makes inside its calls (it logs each at DEBUG, which this
-    filter lets the logger create, then drops below the level the logger had)."""
+class _CountLibraryRetries(logging.Handler):
+    """Counts the retries gcsfs makes inside its calls: it logs each at DEBUG. The "gcsfs"
+    logger is opened to DEBUG for that and stops propagating; this handler passes on to the
+    root logger only what the logger let through before (records of its child loggers too),
+    so nothing else of gcsfs's debug output appears."""
 
     def __init__(self, threshold: int):
-        super().__init__()
+        super().__init__(logging.DEBUG)
         self.threshold = threshold
 
-    def filter(self, record: logging.LogRecord) -> bool:
+    def emit(self, record: logging.LogRecord) -> None:
         global _retries
         if "retrying after exception" in record.getMessage():
             _retries += 1
             _logger.warning(f"storage: gcsfs {record.getMessage()}")
-        return record.levelno >= self.threshold
+        if record.levelno >= self.threshold:
+            logging.getLogger().handle(record)
 
 
 def _count_gcsfs_retries() -> None:
     library = logging.getLogger("gcsfs")
-    if any(isinstance(f, _CountLibraryRetries) for f in library.filters):
+    if any(isinstance(h, _CountLibraryRetries) for h in library.handlers):
         return
-    library.addFilter(_CountLibraryRetries(library.getEffectiveLevel()))
+    library.addHandler(_CountLibraryRetries(library.getEffectiveLevel()))
     library.setLevel(logging.DEBUG)
+    library.propagate = False
 
 
 _count_gcsfs_retries()

@@ -86,7 +86,13 @@ def loss_and_grads(
         if embeddings is not None:
             image_emb, text_emb, scale, bias = embeddings(image_emb, text_emb, scale, bias)
         con = sharded_contrastive_loss(
-            loss_config.contrastive, image_emb, text_emb, scale, bias, batch_axes=batch_axes
+            loss_config.contrastive,
+            image_emb,
+            text_emb,
+            scale,
+            bias,
+            batch_axes=batch_axes,
+            softmax=loss_config.get("sharded_softmax", "gather"),
         )
         if with_captioning and chunk:
             head = nn.unbox(params["decoder"]["lm_head"])  # Boxed straight from model.init.

@@ -15,8 +15,9 @@ Here both losses run inside `shard_map` over the batch axes:
   position in the batch; the text->image direction reduces column log-sum-exps across devices
   (B_global-vectors) rather than gathering the images too. Memory O(B_local * B_global + B * D).
 
-- `ring_softmax_loss` (CLIP, what training uses): the text shards go once around the ring, each
-  carrying the running log-sum-exp of its columns while every device accumulates its rows' one,
+- `ring_softmax_loss` (CLIP, `loss.sharded_softmax='ring'`): the text shards go once around
+  the ring, each carrying the running log-sum-exp of its columns while every device
+  accumulates its rows' one,
   so a device holds B_local x B_local logits only; a custom VJP replays the ring. Memory
   O(B_local^2 + B_local * D), n hops of communication instead of one all-gather.
 
@@ -37,6 +38,9 @@ from jax.sharding import PartitionSpec as P
 
 from mmjax.training import losses
 
+# loss.sharded_softmax: gather = local_softmax_loss (one all-gather; B_local x B_global logits);
+# ring = ring_softmax_loss (n ppermute hops; B_local x B_local logits whatever the ring size).
+SHARDED_SOFTMAX = ("gather", "ring")
 # Same reason as in mmjax.training.losses: logits feed sigmoids / softmaxes with scale up to 100.
 _PRECISION = jax.lax.Precision.HIGHEST
 
@@ -435,9 +439,11 @@ def sharded_contrastive_loss(
     *,
     mesh=None,
     batch_axes: Sequence[str],
+    softmax: str = "gather",
 ) -> jax.Array:
     """`losses.contrastive_loss(name, ...)` for a batch split over `batch_axes` of `mesh`:
-    'sigmoid' -> `chunked_sigmoid_loss`, 'softmax' -> `ring_softmax_loss` (bias unused). With
+    'sigmoid' -> `chunked_sigmoid_loss`, 'softmax' -> `local_softmax_loss`, or
+    `ring_softmax_loss` with softmax='ring' (loss.sharded_softmax; bias unused). With
     a batch split 1 way (or no batch axes) it is the plain loss. Same errors as contrastive_loss.
     """
     if name not in losses.LOSSES:
@@ -450,4 +456,8 @@ def sharded_contrastive_loss(
         return losses.contrastive_loss(name, image_emb, text_emb, scale, bias)
     if name == "sigmoid":
         return chunked_sigmoid_loss(image_emb, text_emb, scale, bias, mesh=mesh, batch_axes=axes)
-    return ring_softmax_loss(image_emb, text_emb, scale, mesh=mesh, batch_axes=axes)
+    if softmax not in SHARDED_SOFTMAX:
+        raise ValueError(f"loss.sharded_softmax={softmax!r} is unknown; allowed: {SHARDED_SOFTMAX}")
+    if softmax == "ring":
+        return ring_softmax_loss(image_emb, text_emb, scale, mesh=mesh, batch_axes=axes)
+    return local_softmax_loss(image_emb, text_emb, scale, mesh=mesh, batch_axes=axes)
