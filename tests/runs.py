@@ -66,6 +66,10 @@ LEARNED = [
 JOBS = {
     # First: the longest. 800 steps run faster than they compile: fully optimised.
     "learned": dict(args=LEARNED, timeout=1200, optimize=True),
+    # The same run with FLIP patch dropout (half of the patches): test_learning.py.
+    "learned_patch_dropout": dict(
+        args=[*LEARNED, "--config.model.patch_dropout=0.5"], timeout=1200, optimize=True
+    ),
     "straight": dict(),  # 8 steps on 1 device in one go.
     "eight": dict(extra=MESH_8, devices=8),
     "two_processes": dict(extra=MESH_8, launcher=TWO_PROCESSES, devices=None),

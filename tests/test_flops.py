@@ -123,6 +123,16 @@ def test_without_captioning_the_decoder_and_caption_pooler_are_not_counted(unrol
     assert added_analytic / added_xla == pytest.approx(1.0, abs=0.1)
 
 
+def test_patch_dropout_saves_what_the_analytic_count_says(unrolled):
+    """The train step under patch dropout runs the image tower on the kept tokens only:
+    XLA's count drops by what the analytic count drops."""
+    cfg, _, lowered = _lowered(["model.scan_layers=False", "model.patch_dropout=0.5"])
+    saved_xla = unrolled["lowered"] - _flops(lowered.cost_analysis())
+    saved_analytic = _analytic(unrolled["cfg"], True) - _analytic(cfg, True)
+    assert saved_analytic > 0.1 * _analytic(unrolled["cfg"], True)
+    assert saved_analytic / saved_xla == pytest.approx(1.0, abs=0.1)
+
+
 def test_causal_discount_halves_only_the_text_attention():
     cfg = ModelConfig.from_mapping({})
     full = forward_flops_per_example(cfg, causal_discount=False)

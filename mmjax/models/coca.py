@@ -52,13 +52,18 @@ class CoCa(nn.Module):
             jnp.float32,
         )
 
-    def encode_image(self, images: Array) -> tuple[Array, Array | None]:
+    def encode_image(
+        self, images: Array, patch_keep: Array | None = None
+    ) -> tuple[Array, Array | None]:
         """-> (L2-normalised embedding [B, E] in f32, caption tokens [B, N, W] or None).
 
         The second value is what the decoder reads about the image; with model.decoder.fusion='late'
         that is the pooled vector before image_proj, as one token [B, 1, W] (the towers then
         build no caption pooler)."""
-        pooled, caption_tokens = self.image_encoder(images)
+        if patch_keep is None:
+            pooled, caption_tokens = self.image_encoder(images)
+        else:  # Training under patch dropout (the ViT tower; ModelConfig.validate).
+            pooled, caption_tokens = self.image_encoder(images, patch_keep)
         if self.cfg.captioning and not self.cfg.caption_tokens_from_tower:
             caption_tokens = pooled[:, None]
         return l2_normalise(self.image_proj(pooled)), caption_tokens
@@ -84,11 +89,13 @@ class CoCa(nn.Module):
         tokens: Array,
         with_captioning: bool = True,
         caption_hidden: bool = False,
+        patch_keep: Array | None = None,
     ) -> dict[str, Array]:
         """Embeddings, contrastive scale and bias, and the caption `logits`; with
         `caption_hidden` the LM head's input as `caption_hidden` instead of the logits (the
-        chunked caption loss applies params['decoder']['lm_head'] itself)."""
-        image_emb, caption_tokens = self.encode_image(images)
+        chunked caption loss applies params['decoder']['lm_head'] itself). `patch_keep`:
+        the patch tokens each image keeps in training (mmjax.models.patch_dropout)."""
+        image_emb, caption_tokens = self.encode_image(images, patch_keep)
         text_emb, features = self.encode_text(tokens)
         scale, bias = self.contrastive_scale_and_bias()
         out = dict(image_emb=image_emb, text_emb=text_emb, scale=scale, bias=bias)

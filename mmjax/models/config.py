@@ -212,6 +212,10 @@ class ModelConfig:
     # every frame through the image tower, then video.layers temporal blocks.
     input_kind: str = "image"
     captioning: bool = True  # False: no decoder (plain CLIP).
+    # FLIP patch dropout: the fraction of its patch tokens each training image drops (a
+    # random subset per image, from the step's PRNG; the class token stays). Evaluation and
+    # inference see every patch. ViT image tower on still images only.
+    patch_dropout: float = 0.0
     vision: VisionConfig = VisionConfig()
     text: TextConfig = TextConfig()
     decoder: DecoderConfig = DecoderConfig()
@@ -249,6 +253,11 @@ class ModelConfig:
     @property
     def vit_positions(self) -> int:
         return self.num_patches + int(self.vision.class_token)
+
+    @property
+    def kept_patches(self) -> int:
+        """Patch tokens a training image keeps under patch dropout (all of them when off)."""
+        return max(1, int(self.num_patches * (1.0 - self.patch_dropout)))
 
     @property
     def caption_tokens_from_tower(self) -> bool:
@@ -348,6 +357,14 @@ class ModelConfig:
             )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat={self.remat!r} is unknown; allowed: {REMAT_POLICIES}")
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"model.patch_dropout={self.patch_dropout} must be in [0, 1)")
+        if self.patch_dropout and (v.encoder != "vit" or self.input_kind != "image"):
+            raise ValueError(
+                f"model.patch_dropout={self.patch_dropout} needs the ViT tower on still images "
+                f"(model.vision.encoder='vit', model.input_kind='image'); this model has "
+                f"encoder={v.encoder!r}, input_kind={self.input_kind!r}"
+            )
         for tower in TOWERS:
             value = getattr(self, tower).remat
             if value not in REMAT_POLICIES and value != "":

@@ -22,10 +22,13 @@ from mmjax.models import registry
 from mmjax.models.config import ModelConfig
 
 
-def image_flops_per_example(cfg: ModelConfig, *, with_captioning: bool = True) -> float:
+def image_flops_per_example(
+    cfg: ModelConfig, *, with_captioning: bool = True, training: bool = False
+) -> float:
     """Forward FLOPs of the image side for one image or clip, the caption pooler included
-    only when a decoder reads its tokens (unused, XLA drops it)."""
-    flops, _ = registry.image_tower_class(cfg).forward_flops(cfg, with_captioning)
+    only when a decoder reads its tokens (unused, XLA drops it); in `training`, on the
+    tokens patch dropout keeps."""
+    flops, _ = registry.image_tower_class(cfg).forward_flops(cfg, with_captioning, training)
     return float(flops)
 
 
@@ -37,12 +40,16 @@ def _caption_tokens(cfg: ModelConfig) -> int:
 
 
 def forward_flops_per_example(
-    cfg: ModelConfig, *, with_captioning: bool = True, causal_discount: bool = True
+    cfg: ModelConfig,
+    *,
+    with_captioning: bool = True,
+    causal_discount: bool = True,
+    training: bool = False,
 ) -> float:
     """Forward matmul FLOPs for one image-caption pair: the chosen towers' own counts plus
-    the two projections into the joint space."""
+    the two projections into the joint space (`training`: under patch dropout)."""
     causal = 0.5 if causal_discount else 1.0
-    flops = image_flops_per_example(cfg, with_captioning=with_captioning)
+    flops = image_flops_per_example(cfg, with_captioning=with_captioning, training=training)
     flops += registry.TEXT_ENCODER_CLASSES[cfg.text.encoder].forward_flops(cfg, causal)
     flops += 2 * (cfg.vision.width + cfg.text.width) * cfg.embed_dim
     if with_captioning:
@@ -55,7 +62,7 @@ def train_flops_per_step(
     cfg: ModelConfig, batch_size: int, *, with_captioning: bool = True, causal_discount: bool = True
 ) -> float:
     per_example = forward_flops_per_example(
-        cfg, with_captioning=with_captioning, causal_discount=causal_discount
+        cfg, with_captioning=with_captioning, causal_discount=causal_discount, training=True
     )
     contrastive_logits = 2 * batch_size * cfg.embed_dim  # Per example: one row of B x B.
     return 3.0 * batch_size * (per_example + contrastive_logits)

@@ -166,9 +166,12 @@ class ResNetEncoder(nn.Module):
     cfg: ModelConfig
 
     @staticmethod
-    def forward_flops(cfg: ModelConfig, with_captioning: bool = True) -> tuple[float, int]:
+    def forward_flops(
+        cfg: ModelConfig, with_captioning: bool = True, training: bool = False
+    ) -> tuple[float, int]:
         """Forward FLOPs for one image (convolutions, token projection, poolers; max-pool and
-        norms not counted) -> (FLOPs, caption tokens)."""
+        norms not counted) -> (FLOPs, caption tokens). The same in training (no patch
+        dropout for a ResNet)."""
         side, width = cfg.image_size, cfg.vision.resnet_width
         if cfg.resnet_stem_layout == "imagenet":
             side = -(-side // 2)

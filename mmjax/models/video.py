@@ -54,11 +54,13 @@ class VideoEncoder(nn.Module):
     cfg: ModelConfig
 
     @staticmethod
-    def forward_flops(cfg: ModelConfig, with_captioning: bool = True) -> tuple[float, int]:
+    def forward_flops(
+        cfg: ModelConfig, with_captioning: bool = True, training: bool = False
+    ) -> tuple[float, int]:
         """Every frame through the frame encoder, then the temporal blocks and the clip
         pooler -> (FLOPs, caption tokens: the temporal tokens + every frame's)."""
         frame_flops, frame_tokens = FRAME_ENCODERS[cfg.vision.encoder].forward_flops(
-            cfg, with_captioning
+            cfg, with_captioning, training
         )
         frames, width = cfg.video.frames, cfg.vision.width
         mlp = cfg.video.mlp_dim or 4 * width

@@ -87,15 +87,24 @@ class ImageEncoder(nn.Module):
     cfg: ModelConfig
 
     @staticmethod
-    def forward_flops(cfg: ModelConfig, with_captioning: bool = True) -> tuple[float, int]:
-        """Forward FLOPs for one image (poolers included) -> (FLOPs, caption tokens)."""
+    def forward_flops(
+        cfg: ModelConfig, with_captioning: bool = True, training: bool = False
+    ) -> tuple[float, int]:
+        """Forward FLOPs for one image (poolers included) -> (FLOPs, caption tokens). In
+        `training` the blocks and poolers see the tokens patch dropout keeps."""
         tokens, width = cfg.vit_positions, cfg.vision.width
+        if training:
+            tokens = cfg.kept_patches + int(cfg.vision.class_token)
         flops = matmul_flops.dense(cfg.num_patches, cfg.vision.patch_size**2 * 3, width)
         flops += cfg.vision.layers * matmul_flops.block(tokens, width, cfg.vision.mlp_dim, tokens)
         return flops + pooler_flops(cfg, tokens, with_captioning), cfg.vision.caption_queries
 
     @nn.compact
-    def __call__(self, images: Array) -> tuple[Array, Array | None]:
+    def __call__(
+        self, images: Array, patch_keep: Array | None = None
+    ) -> tuple[Array, Array | None]:
+        """`patch_keep` [B, K]: the patch tokens each image keeps (patch dropout; see
+        mmjax.models.patch_dropout), None for all of them."""
         cfg = self.cfg
         x = normalise_pixels(images, cfg)
         b, h, w, c = x.shape
@@ -106,6 +115,17 @@ class ImageEncoder(nn.Module):
         x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(b, (h // p) * (w // p), p * p * c)
         x = Dense(cfg, cfg.vision.width, ("patch", "embed"), "patch_embed")(x)
+        # std 1/sqrt(width), as CLIP: position is learned far sooner than with 0.02.
+        pos = self.param(
+            "pos_embed",
+            partitioned(nn.initializers.normal(cfg.vision.width**-0.5), (None, "embed")),
+            (cfg.vit_positions, cfg.vision.width),
+            cfg.weights_dtype,
+        ).astype(x.dtype)
+        first = int(cfg.vision.class_token)  # The class token's position comes first.
+        x = x + pos[first:]
+        if patch_keep is not None:  # After the positions: a kept token keeps its place.
+            x = jnp.take_along_axis(x, patch_keep[..., None], axis=1)
         if cfg.vision.class_token:
             cls = self.param(
                 "cls_token",
@@ -113,16 +133,9 @@ class ImageEncoder(nn.Module):
                 (cfg.vision.width,),
                 cfg.weights_dtype,
             )
-            cls = jnp.broadcast_to(cls.astype(x.dtype), (b, 1, cfg.vision.width))
-            x = jnp.concatenate([cls, x], axis=1)
-        # std 1/sqrt(width), as CLIP: position is learned far sooner than with 0.02.
-        pos = self.param(
-            "pos_embed",
-            partitioned(nn.initializers.normal(cfg.vision.width**-0.5), (None, "embed")),
-            (cfg.vit_positions, cfg.vision.width),
-            cfg.weights_dtype,
-        )
-        x = constrain(x + pos.astype(x.dtype), ("batch", "length", "act_embed"))
+            cls = cls.astype(x.dtype) + pos[0]
+            x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, cfg.vision.width)), x], axis=1)
+        x = constrain(x, ("batch", "length", "act_embed"))
         if cfg.vision.ln_pre:
             x = LayerNorm(cfg, name="ln_pre")(x)
         x = Stack(

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mmjax.models.coca import CoCa
+from mmjax.models.patch_dropout import keep_indices
 from mmjax.text.tokenizer import PAD_ID
 from mmjax.training.losses import caption_loss, chunked_caption_loss
 from mmjax.training.sharded_losses import sharded_contrastive_loss
@@ -46,6 +47,7 @@ def loss_and_grads(
     loss_config: ml_collections.ConfigDict,
     microbatches: int = 1,
     batch_axes: tuple[str, ...] = (),
+    rng: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
     """(loss, aux metrics, gradients) of the weighted CoCa loss on a global batch.
 
@@ -60,6 +62,9 @@ def loss_and_grads(
     `batch_axes`: the mesh axes the batch is split over (under the current mesh).
     The contrastive loss then runs sharded (mmjax.training.sharded_losses: a ring for
     sigmoid, local logits for softmax), never holding B x B logits on a device.
+
+    `rng`: the step's training key; with model.patch_dropout > 0 each image keeps the patch
+    tokens mmjax.models.patch_dropout draws for its index in the batch (None: all patches).
     """
     images, tokens = batch["images"], batch["tokens"]
     caption_weight = loss_config.caption_weight
@@ -67,8 +72,15 @@ def loss_and_grads(
     with_captioning = caption_weight > 0
     chunk = caption_chunk(loss_config, model.cfg)
     num_tokens = jnp.maximum(jnp.sum(tokens[:, 1:] != PAD_ID), 1).astype(jnp.float32)
+    example_ids = jnp.arange(images.shape[0])
+    cfg = model.cfg
 
-    def weighted_loss(params, images, tokens, embeddings=None):
+    def patch_keep(ids):
+        if not cfg.patch_dropout or rng is None:
+            return None
+        return keep_indices(rng, ids, cfg.num_patches, cfg.kept_patches)
+
+    def weighted_loss(params, images, tokens, ids, embeddings=None):
         """The loss given the pairs' embeddings (None: this batch's own)."""
         out = model.apply(
             {"params": params},
@@ -76,6 +88,7 @@ def loss_and_grads(
             tokens,
             with_captioning=with_captioning,
             caption_hidden=bool(chunk),
+            patch_keep=patch_keep(ids),
         )
         image_emb, text_emb, scale, bias = (
             out["image_emb"],
@@ -113,7 +126,7 @@ def loss_and_grads(
 
     grad_fn = jax.value_and_grad(weighted_loss, has_aux=True)
     if microbatches == 1:
-        (loss, aux), grads = grad_fn(params, images, tokens)
+        (loss, aux), grads = grad_fn(params, images, tokens, example_ids)
         return loss, aux, grads
 
     batch_size = images.shape[0]
@@ -129,16 +142,18 @@ def loss_and_grads(
         return x.swapaxes(0, 1).reshape(batch_size, *x.shape[2:])
 
     def embed(slice_):
-        slice_images, slice_tokens = slice_
-        image_emb, _ = model.apply({"params": params}, slice_images, method=CoCa.encode_image)
+        slice_images, slice_tokens, slice_ids = slice_
+        image_emb, _ = model.apply(
+            {"params": params}, slice_images, patch_keep(slice_ids), method=CoCa.encode_image
+        )
         text_emb, _ = model.apply({"params": params}, slice_tokens, method=CoCa.encode_text)
         return image_emb, text_emb
 
-    slices = (split(images), split(tokens))
+    slices = (split(images), split(tokens), split(example_ids))
     cached_images, cached_texts = jax.lax.stop_gradient(jax.lax.map(embed, slices))
 
     def accumulate(grads, xs):
-        m, slice_images, slice_tokens = xs
+        m, slice_images, slice_tokens, slice_ids = xs
 
         def embeddings(image_emb, text_emb, scale, bias):
             # The temperature and bias enter every slice's loss: only slice 0
@@ -150,7 +165,9 @@ def loss_and_grads(
             text_all = merge(cached_texts.at[m].set(text_emb.astype(cached_texts.dtype)))
             return image_all, text_all, scale, bias
 
-        (loss, aux), slice_grads = grad_fn(params, slice_images, slice_tokens, embeddings)
+        (loss, aux), slice_grads = grad_fn(
+            params, slice_images, slice_tokens, slice_ids, embeddings
+        )
         grads = jax.tree.map(jnp.add, grads, slice_grads)
         return grads, (loss, aux)
 

@@ -51,6 +51,7 @@ def train_step(
         loss_config=loss_config,
         microbatches=microbatches,
         batch_axes=batch_axes,
+        rng=state.rng,
     )
     old_opt_state = state.opt_state
     if offload is not None:
