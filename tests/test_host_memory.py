@@ -1,6 +1,7 @@
 """The CLIs' host-memory tuning (mmjax/host_memory.py): glibc malloc tunables set by one
 restart, inline CPU dispatch, and what they are for: a step that reuses its memory."""
 
+import json
 import os
 import subprocess
 import sys
@@ -118,6 +119,21 @@ def test_process_restarts_once_with_the_tunables_and_its_arguments():
     assert async_dispatch == "False" and argv == "['--x', 'y z']"
     off = _python(code, **{hm.ENV: "0", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
     assert off.count("start") == 1 and " glibc.malloc.arena_max=2 True " in off
+
+
+def test_a_peer_child_gets_the_environment_without_what_the_restart_added():
+    if not hm.missing_tunables({}, hm.thp_mode(), hm.glibc_version()):
+        pytest.skip("this machine's libc has no malloc tunables")
+    code = (
+        "import os, json; from mmjax.runtime import host_memory; host_memory.tune_host_memory(); "
+        "print(json.dumps([os.environ.get('GLIBC_TUNABLES'), "
+        "host_memory.without_added_tunables(os.environ).get('GLIBC_TUNABLES')]))"
+    )
+    tuned, peer = json.loads(_python(code, GLIBC_TUNABLES="glibc.malloc.arena_max=2"))
+    assert "glibc.malloc.mmap_max=0" in tuned.split(":") and "arena_max=2" in tuned
+    assert peer == "glibc.malloc.arena_max=2"  # The user's own tunable stays.
+    tuned, peer = json.loads(_python(code))
+    assert "glibc.malloc.mmap_max=0" in tuned.split(":") and peer is None
 
 
 # A jitted "step" with ~0.2 GB of temporaries, run after the CLI's imports and tuning; prints

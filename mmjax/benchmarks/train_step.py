@@ -5,6 +5,7 @@
       --config.model.scan_layers=True
   python -m mmjax.benchmarks.train_step --config configs/coca.py:size=bench --compare '' \
       model.scan_layers=True model.remat=none,model.scan_layers=True
+  mmjax bench --config configs/coca.py:size=bench --against open_clip   # side_by_side.py
 
 --compare times variants of the config (each a comma-separated list of KEY=VALUE overrides,
 '' for the config as given) in one process, one step of each in turn, so that a noisy
@@ -216,6 +217,10 @@ def compile_scaling(config, depths: list[int]) -> dict:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--against" or a.startswith("--against=") for a in argv):
+        from mmjax.benchmarks import side_by_side
+
+        return side_by_side.main(argv)
     try:
         rest, overrides = split_config_flags(argv)
         parser = cli.ArgumentParser(prog="python -m mmjax.benchmarks.train_step")

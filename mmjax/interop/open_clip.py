@@ -59,7 +59,7 @@ _VISION = {
     "attn_pooler_queries": None,
     "attn_pooler_heads": None,
     "output_tokens": None,
-    "patch_dropout": None,  # Training-time only.
+    "patch_dropout": None,  # Training only: model.patch_dropout.
     "no_ln_pre": (False,),
     "pos_embed_type": ("learnable",),
     "pool_type": ("tok",),
@@ -162,6 +162,7 @@ def model_config(oc: Mapping[str, Any]) -> ModelConfig:
         init_logit_bias=float(oc.get("init_logit_bias") or 0.0),
         image_mean=mean,
         image_std=std,
+        patch_dropout=float(v.get("patch_dropout", 0.0)),
         scan_layers=True,
     )
     if coca:
@@ -206,6 +207,108 @@ def model_config(oc: Mapping[str, Any]) -> ModelConfig:
     except ValueError as e:
         raise ConversionError(f"open_clip config gives an invalid model: {e}") from None
     return cfg
+
+
+# Fields the reverse mapping leaves out of the comparison: numerics and memory layout, which
+# change how a model runs, not which model it is.
+_RUN_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention", "max_logit_scale")
+
+
+def open_clip_config(cfg: ModelConfig) -> tuple[dict[str, Any], list[str]]:
+    """model_config in reverse: the open_clip model config nearest to `cfg`, and the mmjax
+    fields in which that open_clip model differs from `cfg` ('' list: the same model).
+
+    The differences are found by mapping the open_clip config forward again, so they name
+    exactly what open_clip's layout would change (its class token, its one shared pooler,
+    its split decoder blocks, ...). What open_clip cannot build at all is refused by name.
+    """
+    unsupported = {
+        "input_kind": (cfg.input_kind, "image"),
+        "vision.encoder": (cfg.vision.encoder, "vit"),
+        "text.encoder": (cfg.text.encoder, "transformer"),
+        "decoder.fusion": (cfg.decoder.fusion, "cross_attention"),
+    }
+    for name, (value, needed) in unsupported.items():
+        if value != needed:
+            raise ConversionError(f"open_clip has no model with model.{name}={value!r}")
+    if cfg.mlp_activation == "gelu_tanh":
+        activation = {}  # Nearest: open_clip's exact GELU (listed as a difference below).
+    else:
+        activation = {"quick_gelu": cfg.mlp_activation == "quick_gelu"}
+    v, t = cfg.vision, cfg.text
+    oc: dict[str, Any] = {
+        "embed_dim": cfg.embed_dim,
+        "vision_cfg": {
+            "image_size": cfg.image_size,
+            "patch_size": v.patch_size,
+            "width": v.width,
+            "layers": v.layers,
+            "head_width": v.width // v.heads,
+            "mlp_ratio": v.mlp_dim / v.width,
+            **({"patch_dropout": cfg.patch_dropout} if cfg.patch_dropout else {}),
+        },
+        "text_cfg": {
+            "context_length": cfg.context_length - int(cfg.captioning),
+            "vocab_size": cfg.vocab_size,
+            "width": t.width,
+            "heads": t.heads,
+            "layers": t.layers,
+            "mlp_ratio": t.mlp_dim / t.width,
+        },
+        **activation,
+        "init_logit_scale": cfg.init_logit_scale,
+        "preprocess_cfg": {"mean": list(cfg.image_mean), "std": list(cfg.image_std)},
+    }
+    if cfg.init_logit_bias:
+        oc["init_logit_bias"] = cfg.init_logit_bias
+    if cfg.captioning:
+        oc["vision_cfg"].update(
+            attentional_pool=True,
+            attn_pooler_queries=v.caption_queries + 1,
+            attn_pooler_heads=v.pool_heads or v.heads,
+            output_tokens=True,
+        )
+        oc["text_cfg"].update(embed_cls=True, output_tokens=True)
+        oc["multimodal_cfg"] = {
+            "context_length": oc["text_cfg"]["context_length"],
+            "vocab_size": cfg.vocab_size,
+            "width": t.width,
+            "heads": t.heads,
+            "layers": cfg.decoder.layers,
+        }
+    back = _effective(dataclasses.asdict(model_config(oc)))
+    want = _effective(dataclasses.asdict(cfg))
+    differences = []
+    for key in sorted(want):
+        if key in _RUN_FIELDS:
+            continue
+        if isinstance(want[key], dict):
+            differences += [
+                f"{key}.{name}: {value!r} -> {back[key][name]!r}"
+                for name, value in want[key].items()
+                if key != "video" and _differ(value, back[key][name])
+            ]
+        elif _differ(want[key], back[key]):
+            differences.append(f"{key}: {want[key]!r} -> {back[key]!r}")
+    return oc, differences
+
+
+def _effective(fields: dict[str, Any]) -> dict[str, Any]:
+    """Fields whose 0 means 'as another field' replaced by that field's value."""
+    vision, text, decoder = fields["vision"], fields["text"], fields["decoder"]
+    vision["pool_width"] = vision["pool_width"] or vision["width"]
+    vision["pool_heads"] = vision["pool_heads"] or vision["heads"]
+    decoder["heads"] = decoder["heads"] or text["heads"]
+    decoder["mlp_dim"] = decoder["mlp_dim"] or text["mlp_dim"]
+    return fields
+
+
+def _differ(a: Any, b: Any) -> bool:
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) != len(b) or any(_differ(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return not math.isclose(float(a), float(b), rel_tol=1e-6)
+    return a != b
 
 
 @dataclasses.dataclass

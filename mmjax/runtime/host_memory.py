@@ -42,6 +42,7 @@ THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 KEEP_FREED = ("glibc.malloc.mmap_max", "0")  # The tunable that lets a step reuse its block.
 TRIM_THRESHOLD = ("glibc.malloc.trim_threshold", str(1 << 40))
 HUGE_PAGES = ("glibc.malloc.hugetlb", "1")
+ADDED = "MMJAX_ADDED_TUNABLES"  # The tunables the restart added (names, ':'-separated).
 
 
 def thp_mode(path: str = THP_SETTING) -> str | None:
@@ -123,6 +124,20 @@ def with_tunables(environ: Mapping[str, str], tunables: list[tuple[str, str]]) -
     return env
 
 
+def without_added_tunables(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` as it was before the restart added tunables (the user's own stay): for a
+    child that should run as it would outside mmjax, such as a peer in a benchmark."""
+    env = dict(environ)
+    added = set(filter(None, env.pop(ADDED, "").split(":")))
+    own = env.get("GLIBC_TUNABLES", "").split(":")
+    kept = [t for t in own if t and t.partition("=")[0] not in added]
+    if kept:
+        env["GLIBC_TUNABLES"] = ":".join(kept)
+    else:
+        env.pop("GLIBC_TUNABLES", None)
+    return env
+
+
 def keeps_freed_memory(environ: Mapping[str, str]) -> bool:
     """Whether malloc in this process keeps big freed blocks (mmap_max=0 is in effect)."""
     return _tunables(environ).get(KEEP_FREED[0]) == KEEP_FREED[1]
@@ -139,7 +154,9 @@ def tune_host_memory() -> None:
     if missing:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(sys.executable, sys.orig_argv, with_tunables(os.environ, missing))
+        env = with_tunables(os.environ, missing)
+        env[ADDED] = ":".join(filter(None, [os.environ.get(ADDED, ""), *(n for n, _ in missing)]))
+        os.execve(sys.executable, sys.orig_argv, env)
     if _enabled(os.environ) and keeps_freed_memory(os.environ):
         import jax
 
