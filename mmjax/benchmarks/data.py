@@ -2,6 +2,7 @@
 
   python -m mmjax.benchmarks.data SPEC [SPEC ...] [--workers 1,2] [--examples 1024]
   python -m mmjax.benchmarks.data --make-corpus DIR [--corpus-examples 2048]   # 256 px JPEGs
+  mmjax bench data --make-corpus DIR --against open_clip   # the wds shards, both pipelines
 
 For each SPEC it prints one JSON line: examples/s of a single-process loop
 that reads, decodes (PIL), random-resized-crops to --image-size, normalises
@@ -9,6 +10,12 @@ to float32, tokenises and batches, and of `train_batches` doing the same
 work (normalisation happens on the device there, so the pipeline ships
 uint8) with each worker count; plus the ratios between them. Each worker
 decodes with one thread, so N workers use N cores.
+
+--against open_clip times open_clip's own training pipeline (open_clip_train's
+get_wds_dataset: webdataset, its training transform to float tensors, CLIP BPE, a torch
+DataLoader; mmjax.benchmarks.open_clip_data) on the same webdataset shards with the same
+crop, at the same worker counts, alternating with mmjax's pipeline for --rounds rounds;
+it adds each side's median examples/s and workersN_vs_open_clip (above 1: mmjax faster).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from mmjax.data.image_corpus import write_image_corpus, write_wds_shards
 from mmjax.data.pipeline import train_batches
 from mmjax.data.preprocess import ImageOptions, random_resized_crop_box
 from mmjax.data.sources import make_source, read_captions
+from mmjax.interop.torch_import import MissingExtra
 from mmjax.runtime import cli
 from mmjax.text.sentencepiece import Tokenizer, train_tokenizer
 
@@ -79,6 +87,33 @@ def pipeline(source, tokenizer, options, *, examples, batch_size, workers, seed)
     return steps * batch_size / (time.perf_counter() - start)
 
 
+def against_open_clip(spec, source, tokenizer, options, workers, rounds, kwargs):
+    """(mmjax's, open_clip's) median examples/s over `rounds` alternations, the first side
+    to run swapping each round so that neither always meets the busier moment."""
+    from mmjax.benchmarks.open_clip_data import open_clip_rate
+
+    mine, theirs = [], []
+    for r in range(rounds):
+        runs = [
+            lambda: mine.append(pipeline(source, tokenizer, options, workers=workers, **kwargs)),
+            lambda: theirs.append(
+                open_clip_rate(
+                    spec.removeprefix("wds:"),
+                    examples=kwargs["examples"],
+                    batch_size=kwargs["batch_size"],
+                    workers=workers,
+                    image_size=options.image_size,
+                    crop_scale=options.crop_scale,
+                    context_length=32,
+                    seed=kwargs["seed"],
+                )
+            ),
+        ]
+        for run in runs if r % 2 == 0 else runs[::-1]:
+            run()
+    return float(np.median(mine)), float(np.median(theirs))
+
+
 def make_corpus(out_dir: Path, num_examples: int) -> list[str]:
     """256 px JPEGs as CSV, webdataset shards and ArrayRecord; returns their specs."""
 
@@ -104,12 +139,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--examples", type=int, default=1024, help="examples timed per variant")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--against", choices=("open_clip",), help="time its pipeline too (wds)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternations per worker count")
     args = parser.parse_args(argv)
     specs = list(args.specs)
     if args.make_corpus:
-        specs += make_corpus(args.make_corpus, args.corpus_examples)
+        made = make_corpus(args.make_corpus, args.corpus_examples)
+        specs += [s for s in made if s.startswith("wds:")] if args.against else made
     if not specs:
         parser.error("give a SPEC or --make-corpus DIR")
+    if args.against and not all(s.startswith("wds:") for s in specs):
+        bad = next(s for s in specs if not s.startswith("wds:"))
+        print(f"error: --against open_clip reads webdataset shards only; {bad} is not wds:",
+              file=sys.stderr)  # fmt: skip
+        return 2
     workers = [int(w) for w in args.workers.split(",") if w]
     options = ImageOptions(image_size=args.image_size, train=True)
     results = []
@@ -125,7 +168,17 @@ def main(argv: list[str] | None = None) -> int:
         result = {"spec": spec, "examples": args.examples, "image_size": args.image_size}
         result["plain_examples_per_sec"] = plain_loop(source, tokenizer, options, **kwargs)
         for count in workers:
-            rate = pipeline(source, tokenizer, options, workers=count, **kwargs)
+            if args.against:
+                try:
+                    rate, peer = against_open_clip(spec, source, tokenizer, options, count,
+                                                   args.rounds, kwargs)  # fmt: skip
+                except MissingExtra as e:
+                    print(f"error: {e}", file=sys.stderr)
+                    return 2
+                result[f"open_clip_workers{count}_examples_per_sec"] = peer
+                result[f"workers{count}_vs_open_clip"] = rate / peer
+            else:
+                rate = pipeline(source, tokenizer, options, workers=count, **kwargs)
             result[f"workers{count}_examples_per_sec"] = rate
             result[f"workers{count}_vs_plain"] = rate / result["plain_examples_per_sec"]
         if 1 in workers and len(workers) > 1:
