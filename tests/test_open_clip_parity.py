@@ -23,6 +23,7 @@ from mmjax.interop.open_clip import (
     convert_state_dict,
     model_config,
 )
+from mmjax.interop.torch_import import MissingExtra, import_open_clip
 from mmjax.models.coca import CoCa
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,28 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _import_open_clip():
     try:
-        import torch
-    except ImportError as e:
-        pytest.skip(f"torch is not installed (pip install -e '.[openclip]'): {e}")
-    try:
-        import torchvision  # noqa: F401
-    except RuntimeError as e:
-        if "torchvision::nms does not exist" not in str(e):
-            raise
-        # PyPI's torchvision is a CUDA build; beside CPU torch its fake-op registration
-        # fails unless the two op schemas exist. Declare them (never called here).
-        sys.modules.pop("torchvision", None)
-        lib = torch.library.Library("torchvision", "DEF")
-        for op in ("nms", "qnms"):
-            lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _import_open_clip.lib = lib  # Keep the registration alive.
-    except ImportError:
-        pass
-    try:
-        import open_clip
-    except Exception as e:  # noqa: BLE001 - any import failure means: cannot compare.
-        pytest.skip(f"open_clip cannot be imported: {type(e).__name__}: {e}")
-    return torch, open_clip
+        return import_open_clip()
+    except MissingExtra as e:
+        pytest.skip(str(e), allow_module_level=True)
 
 
 torch, open_clip = _import_open_clip()
