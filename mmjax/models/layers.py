@@ -15,8 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.attention import AttentionMask, attend
+from mmjax.models.attention import AttentionMask, attend, choose_kernel, target_platform
 from mmjax.models.config import ModelConfig
+from mmjax.models.matmul_flops import cross_attention_form
 
 Array = jax.Array
 
@@ -122,8 +123,17 @@ class Attention(nn.Module):
         Fusing Q, K and V (or K and V) into one kernel [D, parts, heads, head_dim]
         gives one wide matmul instead of several narrow ones.
         """
+        kernel, bias = self._projection_params(x.shape[-1], width, parts, name)
+        dtype = self.cfg.compute_dtype
+        y = jnp.einsum("btd,dphk->btphk", x.astype(dtype), kernel.astype(dtype)) + bias.astype(
+            dtype
+        )
+        return [y[:, :, i] for i in range(parts)]
+
+    def _projection_params(self, din: int, width: int, parts: int, name: str):
+        """The fused projection's kernel [din, parts, heads, head_dim] and bias."""
         cfg = self.cfg
-        shape = (x.shape[-1], parts, self.num_heads, width // self.num_heads)
+        shape = (din, parts, self.num_heads, width // self.num_heads)
         init = nn.initializers.variance_scaling(
             1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(2, 3), batch_axis=(1,)
         )
@@ -139,11 +149,7 @@ class Attention(nn.Module):
             shape[1:],
             cfg.weights_dtype,
         )
-        dtype = cfg.compute_dtype
-        y = jnp.einsum("btd,dphk->btphk", x.astype(dtype), kernel.astype(dtype)) + bias.astype(
-            dtype
-        )
-        return [y[:, :, i] for i in range(parts)]
+        return kernel, bias
 
     @nn.compact
     def __call__(
@@ -155,6 +161,8 @@ class Attention(nn.Module):
         width = x.shape[-1]
         if self.cross:
             (q,) = self._project(x, width, 1, "query")
+            if self._absorbs_keys_values(q, context):
+                return self._output(self._absorbed_cross_attention(q, context, width), width)
             k, v = self._cross_keys_values(context, width)
         else:
             q, k, v = self._project(x, width, 3, "qkv")
@@ -168,6 +176,10 @@ class Attention(nn.Module):
         else:
             k, v = (constrain(a, ("batch", "length", "act_heads", "act_kv")) for a in (k, v))
             out = attend(q, k, v, mask, self.cfg.attention)
+        return self._output(out, width)
+
+    def _output(self, out: Array, width: int) -> Array:
+        """[B, T, heads, head_dim] -> [B, T, width] through the output projection."""
         out = constrain(out, ("batch", "length", "act_heads", "act_kv"))
         cfg = self.cfg
         init = nn.initializers.variance_scaling(
@@ -185,6 +197,51 @@ class Attention(nn.Module):
         dtype = cfg.compute_dtype
         y = jnp.einsum("bthk,hkd->btd", out, kernel.astype(dtype)) + bias.astype(dtype)
         return constrain(y, ("batch", "length", "act_embed"))
+
+    def _absorbs_keys_values(self, q: Array, context: Array | None) -> bool:
+        """Whether cross-attention runs in the absorbed form (see _absorbed_cross_attention):
+        outside decode mode, with the XLA kernel, when that form needs fewer FLOPs."""
+        if self.decode or context is None:
+            return False
+        batch, keys, din = context.shape
+        heads, head_dim = q.shape[2], q.shape[3]
+        k = jax.ShapeDtypeStruct((batch, keys, heads, head_dim), q.dtype)
+        if choose_kernel(self.cfg.attention, target_platform(), q, k) != "xla":
+            return False
+        shared = q.shape[0] == 1 and batch > 1  # Learned queries: mapped once per batch.
+        form = cross_attention_form(q.shape[1], keys, din, heads, head_dim, shared)
+        return form == "absorbed"
+
+    def _absorbed_cross_attention(self, q: Array, context: Array, width: int) -> Array:
+        """Cross-attention without projecting the context to keys and values.
+
+        With k_s = c_s Wk + bk and v_s = c_s Wv + bv: q.k_s = (q Wk^T).c_s + q.bk, and q.bk
+        is the same for every key, so softmax drops it; sum_s p_s v_s = (sum_s p_s c_s) Wv
+        + bv, since the weights sum to 1. So each head maps its queries into the context's
+        space, scores them against the raw context tokens, mixes the tokens and projects
+        the mix: the same attention, cheaper when the queries (times heads) are fewer than
+        the context width, as for the caption decoder's few text positions over many
+        image tokens, and for a pooler's single query (mmjax.models.matmul_flops.cross).
+        """
+        cfg = self.cfg
+        dtype = cfg.compute_dtype
+        kernel, bias = self._projection_params(context.shape[-1], width, 2, "kv")
+        kernel, bias = kernel.astype(dtype), bias.astype(dtype)
+        context = context.astype(dtype)
+        _, queries, heads, head_dim = q.shape
+        batch = context.shape[0]
+        # Mapped before the broadcast: a batch of 1 (learned queries) is mapped once.
+        mapped = jnp.einsum("bthk,dhk->bthd", q, kernel[:, 0]) / jnp.sqrt(head_dim).astype(dtype)
+        mapped = jnp.broadcast_to(mapped, (batch,) + mapped.shape[1:])
+        # Queries and heads as one row axis (a free reshape): plain batched matmuls, no
+        # transposes of the scores or the mix.
+        mapped = mapped.reshape(batch, queries * heads, -1)
+        scores = jnp.einsum("bmd,bsd->bms", mapped, context)
+        # Softmax in f32 at least, as jax.nn.dot_product_attention does for bf16.
+        softmax_dtype = jnp.promote_types(dtype, jnp.float32)
+        weights = jax.nn.softmax(scores.astype(softmax_dtype), axis=-1).astype(dtype)
+        mixed = jnp.einsum("bms,bsd->bmd", weights, context).reshape(batch, queries, heads, -1)
+        return jnp.einsum("bthd,dhk->bthk", mixed, kernel[:, 1]) + bias[1]
 
     def _cross_keys_values(self, context: Array | None, width: int) -> tuple[Array, Array]:
         if not self.decode:

@@ -137,7 +137,9 @@ class MultimodalDecoder(nn.Module):
         tokens of vision.width, MLP, and the LM head."""
         t_dec, wt = cfg.context_length - 1, cfg.text.width
         per_layer = matmul_flops.block(t_dec, wt, cfg.decoder_mlp_dim, t_dec * causal)
-        per_layer += matmul_flops.cross(t_dec, image_tokens, wt, cfg.vision.width)
+        per_layer += matmul_flops.cross(
+            t_dec, image_tokens, wt, cfg.vision.width, heads=cfg.decoder_heads
+        )
         return cfg.decoder.layers * per_layer + matmul_flops.dense(t_dec, wt, cfg.vocab_size)
 
     @nn.compact

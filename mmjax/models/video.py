@@ -66,7 +66,8 @@ class VideoEncoder(nn.Module):
         mlp = cfg.video.mlp_dim or 4 * width
         flops = frames * frame_flops
         flops += cfg.video.layers * matmul_flops.block(frames, width, mlp, frames)
-        flops += matmul_flops.cross(1, frames, width, width, shared_queries=True)
+        heads = _temporal_heads(cfg, width)
+        flops += matmul_flops.cross(1, frames, width, width, heads=heads, shared_queries=True)
         return flops, frames * (1 + frame_tokens)
 
     @nn.compact

@@ -67,11 +67,11 @@ class AttentionalPooler(nn.Module):
 def pooler_flops(cfg: ModelConfig, tokens: int, with_captioning: bool) -> float:
     """The contrastive pooler, plus the caption pooler when a decoder reads its tokens
     (unused, XLA drops it)."""
-    width = cfg.vision.width
-    flops = matmul_flops.cross(1, tokens, width, width, shared_queries=True)
+    width, heads = cfg.vision.width, cfg.vision.pool_heads or cfg.vision.heads
+    flops = matmul_flops.cross(1, tokens, width, width, heads=heads, shared_queries=True)
     if with_captioning and cfg.caption_tokens_from_tower:
         queries = cfg.vision.caption_queries
-        flops += matmul_flops.cross(queries, tokens, width, width, shared_queries=True)
+        flops += matmul_flops.cross(queries, tokens, width, width, heads=heads, shared_queries=True)
     return flops
 
 
