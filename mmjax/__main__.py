@@ -26,6 +26,7 @@ VERBS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
     "plot": ("mmjax.tools.plot", "a run's training curves as one PNG"),
     "dryrun": ("mmjax.tools.dryrun", "compile the step for a mesh, report memory and FLOPs"),
     "convert": ("mmjax.interop.open_clip", "import open_clip weights"),
+    "export": ("mmjax.interop.export", "export a run's weights for open_clip"),
     "tokenizer": ("mmjax.tools.tokenizer", "train a tokenizer on a source, or encode a text"),
     "data": {
         "convert": ("mmjax.tools.data", "write a source as ArrayRecord shards"),

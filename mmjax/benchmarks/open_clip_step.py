@@ -55,7 +55,7 @@ class OpenClipStep:
         oc, differences = check_config(config, model_cfg)
         torch.manual_seed(0)
         # The model's own arguments (open_clip.create_model takes preprocess_cfg aside).
-        kwargs = {k: v for k, v in oc.items() if k != "preprocess_cfg"}
+        kwargs = {k: v for k, v in oc.items() if k not in ("preprocess_cfg", "custom_text")}
         if model_cfg.captioning:
             from open_clip.coca_model import CoCa
 

@@ -107,6 +107,19 @@ def _check_keys(section: str, values: Mapping[str, Any], allowed: Mapping[str, A
             )
 
 
+def hub_model_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """An open_clip model config from either file form: a model config
+    (open_clip/model_configs/*.json) or a Hub model's open_clip_config.json, which wraps it
+    as "model_cfg" beside a "preprocess_cfg" (its mean and std are taken)."""
+    if "model_cfg" not in config:
+        return dict(config)
+    oc = dict(config["model_cfg"])
+    pre = {k: v for k, v in config.get("preprocess_cfg", {}).items() if k in ("mean", "std")}
+    if pre:
+        oc["preprocess_cfg"] = {**oc.get("preprocess_cfg", {}), **pre}
+    return oc
+
+
 def model_config(oc: Mapping[str, Any]) -> ModelConfig:
     """The ModelConfig reproducing the open_clip model of config `oc` (CLIP or CoCa)."""
     _check_keys("the top level", oc, _TOP)
@@ -269,6 +282,7 @@ def open_clip_config(cfg: ModelConfig) -> tuple[dict[str, Any], list[str]]:
             output_tokens=True,
         )
         oc["text_cfg"].update(embed_cls=True, output_tokens=True)
+        oc["custom_text"] = True  # open_clip.create_model builds a CoCa only with it.
         oc["multimodal_cfg"] = {
             "context_length": oc["text_cfg"]["context_length"],
             "vocab_size": cfg.vocab_size,
@@ -514,6 +528,64 @@ def convert_state_dict(
     return params
 
 
+def _source_positions(rule: _Rule) -> np.ndarray:
+    """For each element of the rule's target, the position of its source element among the
+    rule's sources laid end to end. A rule only rearranges elements (transposes, reshapes,
+    slices, stacks), so applying it to numbered elements tells where each one went."""
+    offsets = np.cumsum([0, *(int(np.prod(shape)) for shape in rule.shapes)])
+    numbered = [
+        np.arange(offsets[i], offsets[i + 1], dtype=np.float64).reshape(shape)
+        for i, shape in enumerate(rule.shapes)
+    ]
+    return np.asarray(rule.fn(*numbered)).astype(np.int64)
+
+
+def export_state_dict(params: Mapping[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """convert_state_dict in reverse: mmjax params (scanned layout) -> open_clip tensors.
+
+    Every rule of the import runs backwards through _source_positions, so the two
+    directions cannot disagree. A parameter open_clip has no tensor for (the patch
+    embedding's and the LM head's biases) must hold the value the import writes (zeros);
+    otherwise the export is refused by name.
+    """
+    text_prefix = "text." if cfg.captioning else ""  # open_clip's CoCa nests its text tower.
+    flat: dict[str, np.ndarray] = {}
+    covered: dict[str, np.ndarray] = {}
+    for rule in _rules(cfg, text_prefix):
+        value = params
+        for key in rule.target:
+            value = value[key]
+        value = np.asarray(value, np.float32)
+        if rule.layer is not None:
+            value = value[rule.layer]
+        name = "/".join(rule.target)
+        if not rule.sources:
+            if not np.array_equal(value, rule.fn()):
+                raise ConversionError(
+                    f"parameter {name} is not zero; open_clip's model has no such tensor"
+                )
+            continue
+        positions = _source_positions(rule)
+        offsets = np.cumsum([0, *(int(np.prod(shape)) for shape in rule.shapes)])
+        for i, (source, shape) in enumerate(zip(rule.sources, rule.shapes, strict=True)):
+            size = int(np.prod(shape))
+            out = flat.setdefault(source, np.zeros(size, np.float32))
+            seen = covered.setdefault(source, np.zeros(size, bool))
+            mine = (positions >= offsets[i]) & (positions < offsets[i + 1])
+            out[positions[mine] - offsets[i]] = value[mine]
+            seen[positions[mine] - offsets[i]] = True
+    for source, seen in covered.items():
+        if not seen.all():  # The import rules leave part of a tensor unread: a mapping bug.
+            raise ConversionError(f"export leaves part of open_clip tensor {source} unset")
+    shapes = {
+        s: shape for rule in _rules(cfg, text_prefix) for s, shape in zip(rule.sources, rule.shapes)
+    }
+    state = {source: flat[source].reshape(shapes[source]) for source in flat}
+    if cfg.init_logit_bias:  # open_clip_config then builds the model with a logit bias.
+        state["logit_bias"] = np.asarray(params["logit_bias"], np.float32).reshape(())
+    return state
+
+
 def check_against_model(params: Mapping[str, Any], cfg: ModelConfig) -> None:
     """Raises ConversionError when `params` do not fit the mmjax model of `cfg`."""
     import flax.linen as nn
@@ -627,7 +699,7 @@ def convert_open_clip(
         oc = json.loads(Path(model_config_path).read_text())
     except (OSError, ValueError) as e:
         raise ConversionError(f"cannot read open_clip config {model_config_path}: {e}") from None
-    cfg = model_config(oc)
+    cfg = model_config(hub_model_config(oc))
     vocab = Path(bpe_vocab) if bpe_vocab else default_bpe_vocab()
     if vocab is None or not vocab.is_file():
         raise ConversionError(

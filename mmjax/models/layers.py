@@ -443,3 +443,21 @@ def unstack_layers(params):
         else:
             out[name] = unstack_layers(child)
     return out
+
+
+def stack_layers(params):
+    """unstack_layers in reverse: unrolled layers ('layers_0', 'layers_1', ...) stacked
+    along a leading axis under 'layers', the layout of model.scan_layers=True."""
+    if not isinstance(params, Mapping):
+        return params
+    out, unrolled = {}, {}
+    for name, child in params.items():
+        index = name.removeprefix("layers_")
+        if name.startswith("layers_") and index.isdigit():
+            unrolled[int(index)] = stack_layers(child)
+        else:
+            out[name] = stack_layers(child)
+    if unrolled:
+        layers = [unrolled[i] for i in range(len(unrolled))]
+        out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return out

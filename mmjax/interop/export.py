@@ -1,0 +1,110 @@
+"""Export a run's weights for another library.
+
+  mmjax export open_clip --workdir runs/my_run --out exported/ [--step N]
+
+DIR gets the files of an open_clip model on the Hugging Face Hub: `open_clip_config.json`
+({"model_cfg": open_clip's model config, "preprocess_cfg": image size, mean, std}) and
+`open_clip_model.safetensors` (the state dict), which open_clip loads as one of its own:
+
+  model = open_clip.create_model("local-dir:exported")
+
+Only a model open_clip builds exactly is exported (one converted from open_clip, or trained
+from such a one with `init_from`): any field in which open_clip's nearest model would differ
+is refused, by name, in one line. Needs numpy and safetensors only (the default install).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from mmjax.interop.open_clip import ConversionError, export_state_dict, open_clip_config
+from mmjax.models.coca import CoCa
+from mmjax.models.config import ModelConfig
+from mmjax.models.layers import stack_layers
+from mmjax.runtime import cli, paths
+from mmjax.runtime import sharding as shd
+from mmjax.runtime.checkpoint import CheckpointError, read_params
+from mmjax.runtime.config import from_json_file
+
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+
+
+def read_run(workdir: str, step: int | None = None) -> tuple[ModelConfig, int, Any]:
+    """(model config, step, params as numpy arrays in the scanned layout) of a workdir."""
+    from mmjax.inference.predictor import abstract_params
+
+    directory = paths.run_dir(workdir)
+    config = from_json_file(directory / "config.json")
+    cfg = ModelConfig.from_mapping(config.model.to_dict())
+    mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.local_devices()[:1])
+    found, params = read_params(
+        directory / "checkpoints", abstract_params(CoCa(cfg), mesh, shd.DEFAULT_RULES), step
+    )
+    params = jax.tree.map(np.asarray, params)
+    if not cfg.scan_layers:
+        params = jax.tree.map(np.asarray, stack_layers(params))
+    return cfg, found, params
+
+
+def export_open_clip(workdir: str, out: str, step: int | None = None) -> dict[str, Any]:
+    """Writes OUT/open_clip_config.json and OUT/open_clip_model.safetensors; returns a summary."""
+    try:
+        from safetensors.numpy import save_file
+    except ImportError:
+        raise ConversionError(
+            "safetensors is not installed; pip install -e . (it is a core dependency)"
+        ) from None
+    cfg, found, params = read_run(workdir, step)
+    oc, differences = open_clip_config(cfg)
+    if differences:
+        raise ConversionError(
+            "open_clip has no model equal to this one; it would differ in " + "; ".join(differences)
+        )
+    state = export_state_dict(params, cfg)
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    hub = {
+        "model_cfg": {k: v for k, v in oc.items() if k != "preprocess_cfg"},
+        "preprocess_cfg": {"size": cfg.image_size, **oc["preprocess_cfg"]},
+    }
+    (target / CONFIG_FILE).write_text(json.dumps(hub, indent=2) + "\n")
+    # np.ascontiguousarray would make the 0-d logit scale 1-d.
+    save_file({k: np.array(v, order="C") for k, v in state.items()}, str(target / WEIGHTS_FILE))
+    return {
+        "step": found,
+        "model": "CoCa" if cfg.captioning else "CLIP",
+        "tensors": len(state),
+        "parameters": int(sum(v.size for v in state.values())),
+        "config": str(target / CONFIG_FILE),
+        "weights": str(target / WEIGHTS_FILE),
+    }
+
+
+TARGETS = {"open_clip": export_open_clip}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.ArgumentParser(prog="mmjax export")
+    parser.add_argument("target", choices=sorted(TARGETS), help="the library to export for")
+    parser.add_argument("--workdir", required=True, help="a run or converted workdir")
+    parser.add_argument("--out", required=True, help="directory to write")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint (default: newest)")
+    args = parser.parse_args(argv)
+    try:
+        summary = TARGETS[args.target](args.workdir, args.out, args.step)
+    except (ConversionError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
