@@ -20,6 +20,7 @@ VERBS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
     "evaluate": ("mmjax.tools.evaluate", "run a workdir's evaluators on a checkpoint"),
     "caption": ("mmjax.tools.caption", "caption image files"),
     "classify": ("mmjax.tools.classify", "zero-shot classify image files"),
+    "embed": ("mmjax.tools.embed", "image and text embeddings as one .npz"),
     "search": ("mmjax.tools.search", "index a folder of images, query it by text"),
     "sweep": ("mmjax.tools.sweep", "train the variants of an ablation config"),
     "report": ("mmjax.tools.report", "plots and tables comparing runs"),

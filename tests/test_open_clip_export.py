@@ -10,6 +10,10 @@ import jax
 import numpy as np
 import pytest
 
+from mmjax.interop.export import CONFIG_FILE, WEIGHTS_FILE, read_run
+from mmjax.interop.open_clip import convert_open_clip, default_bpe_vocab, write_workdir
+from mmjax.models.coca import CoCa
+from mmjax.models.config import ModelConfig
 from tests.test_open_clip_parity import (
     TOL,
     _save,
@@ -22,11 +26,6 @@ from tests.test_open_clip_parity import (
     torch,
     torch_images,
 )
-
-from mmjax.interop.export import CONFIG_FILE, WEIGHTS_FILE, read_run
-from mmjax.interop.open_clip import convert_open_clip, default_bpe_vocab, write_workdir
-from mmjax.models.coca import CoCa
-from mmjax.models.config import ModelConfig
 
 
 def _export(cwd, *args):

@@ -665,6 +665,8 @@ def workdir_config(cfg: ModelConfig, bpe_vocab: Path):
         config.data.tokenizer_type = "clip_bpe"
         if not cfg.captioning:
             config.loss.caption_weight = 0.0
+        if cfg.init_logit_bias:  # A learnt logit bias: a SigLIP-style sigmoid model.
+            config.loss.contrastive = "sigmoid"
     return config
 
 
