@@ -26,7 +26,7 @@ VERBS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
     "report": ("mmjax.tools.report", "plots and tables comparing runs"),
     "plot": ("mmjax.tools.plot", "a run's training curves as one PNG"),
     "dryrun": ("mmjax.tools.dryrun", "compile the step for a mesh, report memory and FLOPs"),
-    "convert": ("mmjax.interop.open_clip", "import open_clip weights"),
+    "convert": ("mmjax.interop.convert", "import open_clip or Hugging Face CLIP weights"),
     "export": ("mmjax.interop.export", "export a run's weights for open_clip"),
     "tokenizer": ("mmjax.tools.tokenizer", "train a tokenizer on a source, or encode a text"),
     "data": {

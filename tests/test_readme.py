@@ -5,8 +5,8 @@ ones wrote, as they would for a user going down the page), from its root, with r
 paths, through bash. The only changes are the shrinks the README itself names in its
 "Trying the commands" note (fewer steps and examples, a smaller model size for the dry run,
 pytest's --collect-only for the test command, which CI runs in full), and the files a user
-brings (a folder of photos, open_clip weights) are written first by FIXTURES. A bash block
-command that this test does not know how to run fails it.
+brings (a folder of photos, open_clip weights, a Hugging Face CLIP folder) are written
+first by FIXTURES. A bash block command that this test does not know how to run fails it.
 """
 
 from __future__ import annotations
@@ -86,7 +86,9 @@ def shrink(command: str) -> str:
     if words[:3] == ["bash", "launch/local.sh", "test"]:
         return shlex.join([*words, "--collect-only", "-q"])
     # The dry run and the benchmarks compile a model of the size they name: tiny here.
-    sizes = any(w in ("dryrun", "bench", "mmjax.tools.dryrun", "mmjax.benchmarks.train_step") for w in words)
+    sizes = any(
+        w in ("dryrun", "bench", "mmjax.tools.dryrun", "mmjax.benchmarks.train_step") for w in words
+    )
     out, skip = [], False
     for i, word in enumerate(words):
         if skip:
@@ -139,8 +141,19 @@ def write_open_clip_weights(tree: Path) -> None:
     save_file(state, str(tree / "my_coca.safetensors"))
 
 
+def write_hf_clip(tree: Path) -> None:
+    """A small random transformers CLIPModel, saved as a user's save_pretrained folder."""
+    from tests.test_hf_clip import _hf_model
+
+    _hf_model(seed=3).save_pretrained(tree / "my_clip_hf")
+
+
 # A path a command reads that a user brings -> what writes it.
-FIXTURES = {"photos/": write_photos, "my_coca.safetensors": write_open_clip_weights}
+FIXTURES = {
+    "photos/": write_photos,
+    "my_coca.safetensors": write_open_clip_weights,
+    "my_clip_hf": write_hf_clip,
+}
 
 
 def test_readme_commands_are_a_list_of_runnable_commands():

@@ -1,6 +1,11 @@
 """Export a run's weights for another library.
 
   mmjax export open_clip --workdir runs/my_run --out exported/ [--step N]
+  mmjax export hf --workdir runs/my_clip --out exported_hf/    # a transformers CLIPModel
+
+`hf` writes config.json, model.safetensors and preprocessor_config.json, which
+`transformers.AutoModel.from_pretrained("exported_hf")` loads as a CLIPModel (a CLIP in
+open_clip's layout: class token, argmax text pooling; not a CoCa).
 
 DIR gets the files of an open_clip model on the Hugging Face Hub: `open_clip_config.json`
 ({"model_cfg": open_clip's model config, "preprocess_cfg": image size, mean, std}) and
@@ -87,7 +92,61 @@ def export_open_clip(workdir: str, out: str, step: int | None = None) -> dict[st
     }
 
 
-TARGETS = {"open_clip": export_open_clip}
+def export_hf(workdir: str, out: str, step: int | None = None) -> dict[str, Any]:
+    """Writes OUT/config.json, OUT/model.safetensors and OUT/preprocessor_config.json of a
+    transformers CLIPModel (`transformers.AutoModel.from_pretrained(OUT)`)."""
+    from safetensors.numpy import save_file
+
+    from mmjax.interop import hf_clip
+
+    cfg, found, params = read_run(workdir, step)
+    oc, differences = open_clip_config(cfg)
+    if differences:
+        raise ConversionError(
+            "transformers' CLIPModel has no model equal to this one; it would differ in "
+            + "; ".join(differences)
+        )
+    if cfg.captioning:
+        raise ConversionError(
+            "a CoCa's image tower pools with attention queries, which transformers' CLIPModel "
+            "cannot represent; export it with `mmjax export open_clip`"
+        )
+    if cfg.init_logit_bias:
+        raise ConversionError("a model with a logit bias (sigmoid loss) is not a CLIPModel")
+    state = hf_clip.from_open_clip_state(export_state_dict(params, cfg), oc)
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "config.json").write_text(json.dumps(hf_clip.hf_config(oc), indent=2) + "\n")
+    size = cfg.image_size
+    processor = {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": size},
+        "do_center_crop": True,
+        "crop_size": {"height": size, "width": size},
+        "resample": 3,  # bicubic
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(cfg.image_mean),
+        "image_std": list(cfg.image_std),
+        "do_convert_rgb": True,
+    }
+    (target / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    # transformers reads only safetensors files that say which framework wrote them.
+    save_file({k: np.array(v, order="C") for k, v in state.items()},
+              str(target / hf_clip.WEIGHTS), metadata={"format": "pt"})  # fmt: skip
+    return {
+        "step": found,
+        "model": "CLIPModel",
+        "tensors": len(state),
+        "parameters": int(sum(v.size for v in state.values())),
+        "config": str(target / "config.json"),
+        "weights": str(target / hf_clip.WEIGHTS),
+    }
+
+
+TARGETS = {"open_clip": export_open_clip, "hf": export_hf}
 
 
 def main(argv: list[str] | None = None) -> int:

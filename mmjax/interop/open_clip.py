@@ -670,7 +670,13 @@ def workdir_config(cfg: ModelConfig, bpe_vocab: Path):
     return config
 
 
-def write_workdir(out: str | Path, params: Mapping[str, Any], cfg: ModelConfig, bpe_vocab: Path):
+def write_workdir(
+    out: str | Path,
+    params: Mapping[str, Any],
+    cfg: ModelConfig,
+    bpe_vocab: Path,
+    source: str = "open_clip",
+):
     """DIR/config.json and DIR/checkpoints/0 (params only), read by mmjax.inference.predictor and
     mmjax.train --config.init_from=DIR."""
     import jax
@@ -683,7 +689,7 @@ def write_workdir(out: str | Path, params: Mapping[str, Any], cfg: ModelConfig, 
     checkpointer = Checkpointer(out / "checkpoints", async_save=False)
     try:
         state = {"params": jax.tree.map(jax.numpy.asarray, params)}
-        checkpointer.save(0, state, batch_size=0, extra_meta={"converted_from": "open_clip"},
+        checkpointer.save(0, state, batch_size=0, extra_meta={"converted_from": source},
                           force=True)  # fmt: skip
         checkpointer.wait()
     finally:
@@ -701,15 +707,29 @@ def convert_open_clip(
         oc = json.loads(Path(model_config_path).read_text())
     except (OSError, ValueError) as e:
         raise ConversionError(f"cannot read open_clip config {model_config_path}: {e}") from None
-    cfg = model_config(hub_model_config(oc))
+    return import_state(
+        hub_model_config(oc), load_checkpoint(checkpoint), out, bpe_vocab, "open_clip", progress
+    )
+
+
+def import_state(
+    oc: Mapping[str, Any],
+    state: Mapping[str, np.ndarray],
+    out: str | Path,
+    bpe_vocab: str | Path | None,
+    source: str,
+    progress: bool = True,
+) -> ModelConfig:
+    """An open_clip model config and state dict (from any source) -> an mmjax workdir."""
+    cfg = model_config(oc)
     vocab = Path(bpe_vocab) if bpe_vocab else default_bpe_vocab()
     if vocab is None or not vocab.is_file():
         raise ConversionError(
             f"CLIP BPE vocabulary {vocab or BPE_FILE} not found: pass --bpe-vocab PATH"
         )
-    params = convert_state_dict(load_checkpoint(checkpoint), cfg, progress=progress)
+    params = convert_state_dict(state, cfg, progress=progress)
     check_against_model(params, cfg)
-    write_workdir(out, params, cfg, vocab)
+    write_workdir(out, params, cfg, vocab, source)
     return cfg
 
 

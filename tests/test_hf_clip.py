@@ -1,0 +1,106 @@
+"""Hugging Face CLIPModel directories: `mmjax convert hf` gives transformers' embeddings,
+`mmjax export hf` gives back transformers' own model, both from relative paths."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax.interop.export import read_run
+from mmjax.models.coca import CoCa
+from tests.test_open_clip_parity import TOL, max_err, torch  # noqa: F401 (skips without torch)
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_model(act="quick_gelu", seed=0):
+    config = transformers.CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                         num_hidden_layers=2, vocab_size=49408, max_position_embeddings=16,
+                         hidden_act=act),
+        vision_config=dict(hidden_size=48, intermediate_size=96, num_attention_heads=3,
+                           num_hidden_layers=2, image_size=32, patch_size=8, hidden_act=act),
+        projection_dim=24,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = transformers.CLIPModel(config).eval()
+    with torch.no_grad():  # Non-trivial biases and norms (transformers starts them at 0 / 1).
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _inputs(seed=0, batch=3, length=16, size=32):
+    rng = np.random.default_rng(seed)
+    pixels = rng.random((batch, size, size, 3), dtype=np.float32)
+    ids = np.zeros((batch, length), np.int64)
+    for i, n in enumerate([5, 16, 9][:batch]):
+        ids[i, :n] = rng.integers(1, 49405, n)
+        ids[i, 0], ids[i, n - 1] = 49406, 49407
+    return pixels, ids
+
+
+def _hf_features(model, pixels, ids, mean, std):
+    x = torch.from_numpy(((pixels - mean) / std).transpose(0, 3, 1, 2).copy())
+    with torch.no_grad():
+        image = model.get_image_features(pixel_values=x)
+        text = model.get_text_features(input_ids=torch.from_numpy(ids))
+    norm = lambda a: (a / a.norm(dim=-1, keepdim=True)).numpy()
+    return norm(image), norm(text)
+
+
+def _run(cwd, *args):
+    return subprocess.run([sys.executable, "-m", "mmjax", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_hf_clip_in_and_out(tmp_path, act):
+    model = _hf_model(act)
+    model.save_pretrained(tmp_path / "hf")
+    proc = _run(tmp_path, "convert", "hf", "--model-dir", "hf", "--out", "imported")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "wrote imported: CLIP, image 32px, context 16"
+
+    cfg, _, params = read_run(str(tmp_path / "imported"))
+    mean, std = np.asarray(cfg.image_mean, np.float32), np.asarray(cfg.image_std, np.float32)
+    pixels, ids = _inputs()
+    out = jax.jit(CoCa(cfg).apply)(
+        {"params": params}, jnp.asarray(pixels), jnp.asarray(ids, jnp.int32)
+    )
+    want_image, want_text = _hf_features(model, pixels, ids, mean, std)
+    assert max_err(out["image_emb"], want_image) <= TOL
+    assert max_err(out["text_emb"], want_text) <= TOL
+
+    proc = _run(tmp_path, "export", "hf", "--workdir", "imported", "--out", "exported")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    back = transformers.AutoModel.from_pretrained(tmp_path / "exported").eval()
+    assert type(back).__name__ == "CLIPModel"
+    want = model.state_dict()
+    for name, tensor in back.state_dict().items():
+        assert torch.equal(tensor, want[name]), name
+    got_image, got_text = _hf_features(back, pixels, ids, mean, std)
+    assert max_err(got_image, want_image) <= TOL and max_err(got_text, want_text) <= TOL
+    processor = json.loads((tmp_path / "exported" / "preprocessor_config.json").read_text())
+    assert processor["crop_size"] == {"height": 32, "width": 32}
+
+
+def test_what_mmjax_cannot_represent_is_refused_in_one_line(tmp_path):
+    model = _hf_model()
+    model.save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["text_config"]["hidden_act"] = "relu"
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    proc = _run(tmp_path, "convert", "hf", "--model-dir", "hf", "--out", "x")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: config.json: hidden_act ['quick_gelu', 'relu'] is not supported (both towers "
+        "one of ['gelu', 'quick_gelu'])"
+    ]
+    proc = _run(tmp_path, "convert", "hf", "--model-dir", "nowhere", "--out", "x")
+    assert proc.stderr.strip().splitlines() == ["error: --model-dir nowhere: no config.json"]
