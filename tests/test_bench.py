@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from mmjax.benchmarks.train_step import main, synthetic_batch
+from mmjax.benchmarks.step_timing import synthetic_batch
+from mmjax.benchmarks.train_step import main
 from mmjax.models.config import ModelConfig
 from mmjax.models.flops import train_flops_per_step
 from mmjax.runtime.config import load_config, model_size

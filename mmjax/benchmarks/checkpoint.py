@@ -30,7 +30,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from mmjax.benchmarks.train_step import prepare_step
+from mmjax.benchmarks.step_timing import prepare_step
 from mmjax.runtime import cli
 from mmjax.runtime.checkpoint import Checkpointer
 from mmjax.runtime.config import ConfigError, load_config, split_config_flags

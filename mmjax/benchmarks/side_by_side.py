@@ -58,15 +58,15 @@ def _serve(step, out: IO[str]) -> None:
 def _mmjax_worker(config, warmup: int, out: IO[str]) -> None:
     import jax
 
-    from mmjax.benchmarks.train_step import _model_flops, _timed_step, _warm_up, prepare_step
+    from mmjax.benchmarks.step_timing import model_flops, prepare_step, timed_step, warm_up
 
     prepared = prepare_step(config)
     cost = prepared.step.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    state, metrics = _warm_up(prepared, warmup)
+    state, metrics = warm_up(prepared, warmup)
     out.write(json.dumps({
         "side": "mmjax",
-        "flops_per_step": _model_flops(config, prepared.model_cfg),
+        "flops_per_step": model_flops(config, prepared.model_cfg),
         "flops_counted_by": "mmjax.models.flops (analytic)",
         "xla_flops_per_step": float(cost.get("flops", float("nan"))) * jax.device_count(),
         "params": int(sum(np.prod(a.shape) for a in jax.tree.leaves(prepared.abstract.params))),
@@ -77,7 +77,7 @@ def _mmjax_worker(config, warmup: int, out: IO[str]) -> None:
     holder = {"state": state}
 
     def step():
-        holder["state"], metrics, seconds = _timed_step(prepared, holder["state"])
+        holder["state"], metrics, seconds = timed_step(prepared, holder["state"])
         return seconds, float(metrics["loss"])
 
     _serve(step, out)
@@ -87,7 +87,7 @@ def _open_clip_worker(config, warmup: int, threads: int, out: IO[str]) -> None:
     import time
 
     from mmjax.benchmarks.open_clip_step import OpenClipStep
-    from mmjax.benchmarks.train_step import synthetic_batch
+    from mmjax.benchmarks.step_timing import synthetic_batch
     from mmjax.models.config import ModelConfig
 
     model_cfg = ModelConfig.from_mapping(config.model.to_dict())

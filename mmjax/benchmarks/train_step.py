@@ -19,86 +19,20 @@ accelerators and a measured matmul rate elsewhere (the CPU).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
 import time
-from typing import Any
 
 import jax
 import numpy as np
 
-from mmjax.models.config import ModelConfig
-from mmjax.models.flops import peak_flops, train_flops_per_step
-from mmjax.models.video import input_shape
+from mmjax.benchmarks.step_timing import model_flops, prepare_step, timed_step, warm_up
+from mmjax.models.flops import peak_flops
 from mmjax.runtime import cli
 from mmjax.runtime.config import ConfigError, load_config, split_config_flags
 from mmjax.runtime.host_memory import tune_host_memory
 from mmjax.training.setup import build_run
-from mmjax.training.step import batch_shardings
-
-
-def synthetic_batch(config, model_cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random pixels and captions with a realistic amount of padding."""
-    rng = np.random.default_rng(seed)
-    b, length = config.batch_size, model_cfg.context_length
-    images = rng.integers(0, 256, (b, *input_shape(model_cfg)), dtype=np.uint8)
-    tokens = rng.integers(4, model_cfg.vocab_size, (b, length), dtype=np.int32)
-    lengths = rng.integers(length // 2, length + 1, b)
-    tokens[:, 0] = 2
-    for row, n in enumerate(lengths):
-        tokens[row, n - 1] = 3
-        tokens[row, n:] = 0
-    return {"images": images, "tokens": tokens}
-
-
-@dataclasses.dataclass
-class PreparedStep:
-    """A compiled train step with its initial state and one device batch (benchmarks)."""
-
-    model_cfg: ModelConfig
-    mesh: Any
-    abstract: Any  # abstract train state (shapes, dtypes, shardings)
-    state: Any
-    step: Any  # the AOT-compiled train step
-    batch: dict[str, jax.Array]
-    compile_seconds: float
-
-
-def prepare_step(config) -> PreparedStep:
-    """Mesh, state and compiled step of `config`, as the trainer builds them, on a
-    synthetic batch."""
-    run = build_run(config)
-    state = run.create_state()
-    start = time.perf_counter()
-    compiled = run.compile_step()
-    compile_seconds = time.perf_counter() - start
-    in_shardings = batch_shardings(run.mesh, run.rules, run.model_cfg)
-    batch = {
-        k: jax.device_put(v, in_shardings[k])
-        for k, v in synthetic_batch(config, run.model_cfg).items()
-    }
-    return PreparedStep(
-        run.model_cfg, run.mesh, run.abstract_state, state, compiled, batch, compile_seconds
-    )
-
-
-def _warm_up(prepared: PreparedStep, steps: int = 2):
-    """(state, metrics) after `steps` untimed steps from the initial state."""
-    state = prepared.state
-    for _ in range(steps):
-        state, metrics = prepared.step(state, prepared.batch)
-    jax.block_until_ready(metrics)
-    return state, metrics
-
-
-def _timed_step(prepared: PreparedStep, state):
-    """(state, metrics, seconds) of one step, waited for."""
-    start = time.perf_counter()
-    state, metrics = prepared.step(state, prepared.batch)
-    jax.block_until_ready(metrics)
-    return state, metrics, time.perf_counter() - start
 
 
 def _peak_after_steps(dtype: str, peak: float, source: str) -> tuple[float, str]:
@@ -110,26 +44,20 @@ def _peak_after_steps(dtype: str, peak: float, source: str) -> tuple[float, str]
     return peak, source + ", best of before and after the timed steps"
 
 
-def _model_flops(config, model_cfg: ModelConfig) -> float:
-    return train_flops_per_step(
-        model_cfg, config.batch_size, with_captioning=config.loss.caption_weight > 0
-    )
-
-
 def run(config, steps: int, warmup: int = 2) -> dict:
     prepared = prepare_step(config)
     model_cfg, mesh, abstract = prepared.model_cfg, prepared.mesh, prepared.abstract
     cost = prepared.step.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    state, metrics = _warm_up(prepared, warmup)
+    state, metrics = warm_up(prepared, warmup)
     peak, peak_source = peak_flops(model_cfg.dtype, fresh=True)
     times = []
     for _ in range(steps):  # Per-step times; the median resists this machine's noise.
-        state, metrics, seconds = _timed_step(prepared, state)
+        state, metrics, seconds = timed_step(prepared, state)
         times.append(seconds)
     peak, peak_source = _peak_after_steps(model_cfg.dtype, peak, peak_source)
     step_seconds = float(np.median(times))
-    flops = _model_flops(config, model_cfg)
+    flops = model_flops(config, model_cfg)
     return {
         "examples_per_sec": config.batch_size / step_seconds,
         "step_seconds": step_seconds,
@@ -168,13 +96,13 @@ def compare(config_path: str, overrides: list[str], variants: list[str], steps: 
         for variant in variants
     ]  # All loaded (and validated) before the first compilation.
     prepared = [prepare_step(variant_config) for variant_config in configs]
-    states = [_warm_up(p)[0] for p in prepared]
+    states = [warm_up(p)[0] for p in prepared]
     dtype = configs[0].model.dtype
     peak, peak_source = peak_flops(dtype, fresh=True)
     times = [[] for _ in variants]
     for _ in range(steps):
         for i, p in enumerate(prepared):
-            states[i], _, seconds = _timed_step(p, states[i])
+            states[i], _, seconds = timed_step(p, states[i])
             times[i].append(seconds)
     peak, _ = _peak_after_steps(dtype, peak, peak_source)
     medians = [float(np.median(t)) for t in times]
@@ -184,7 +112,7 @@ def compare(config_path: str, overrides: list[str], variants: list[str], steps: 
             "step_seconds": median,
             "step_seconds_min": float(np.min(t)),
             "examples_per_sec": config.batch_size / median,
-            "mfu": _model_flops(config, p.model_cfg) / median / peak,
+            "mfu": model_flops(config, p.model_cfg) / median / peak,
             "step_ratio_to_first": median / medians[0],
             "compile_seconds": p.compile_seconds,
             "peak_flops": peak,
