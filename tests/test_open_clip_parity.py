@@ -295,7 +295,7 @@ def test_converter_errors(tmp_path):
     # The command line reports the same in one line.
     cfg_path, ckpt = _save(oc, dict(config, embed_dim=33), tmp_path)
     run = subprocess.run(
-        [sys.executable, "-m", "mmjax.interop.open_clip", "open_clip", "--model-config", str(cfg_path),
+        [sys.executable, "-m", "mmjax", "convert", "open_clip", "--model-config", str(cfg_path),
          "--checkpoint", str(ckpt), "--out", str(tmp_path / "out")],
         capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip

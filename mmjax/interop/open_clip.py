@@ -1,10 +1,12 @@
-"""Import open_clip CLIP and CoCa checkpoints into an mmjax workdir.
+"""open_clip CLIP and CoCa checkpoints <-> mmjax: the one tensor mapping every import and
+export uses (`mmjax convert`, `mmjax export`: mmjax.interop.convert / export).
 
-  python -m mmjax.interop.open_clip open_clip --model-config coca_ViT-B-32.json \\
+  mmjax convert open_clip --model-config coca_ViT-B-32.json \\
       --checkpoint open_clip_model.safetensors --out runs/coca_b32 [--bpe-vocab PATH]
 
-CONFIG.json is in open_clip's model-config format; the checkpoint is a `.safetensors`
-file or a torch state_dict (read with weights_only=True; needs the `openclip` extra).
+CONFIG.json is in open_clip's model-config format (or a Hub model's open_clip_config.json);
+the checkpoint is a `.safetensors` file (safetensors, in the default install) or a torch
+state_dict (read with weights_only=True; needs the `openclip` extra).
 DIR gets config.json (configs/coca.py with the matching model and the CLIP BPE
 tokenizer), and checkpoints/0 holding the parameters only, which mmjax.inference.predictor (caption,
 search) and `mmjax.train --config.init_from=DIR` read. Every tensor is checked first:
@@ -17,7 +19,6 @@ import dataclasses
 import importlib.util
 import json
 import math
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,6 @@ import numpy as np
 
 from mmjax.models.coca import CoCa
 from mmjax.models.config import ModelConfig
-from mmjax.runtime import cli
 from mmjax.runtime.checkpoint import Checkpointer
 from mmjax.runtime.config import load_config, to_json
 from mmjax.training.state import dummy_batch
@@ -731,26 +731,3 @@ def import_state(
     check_against_model(params, cfg)
     write_workdir(out, params, cfg, vocab, source)
     return cfg
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(prog="python -m mmjax.interop.open_clip")
-    sub = parser.add_subparsers(dest="source", required=True)
-    oc = sub.add_parser("open_clip", help="an open_clip CLIP or CoCa checkpoint")
-    oc.add_argument("--model-config", required=True, help="open_clip model config JSON")
-    oc.add_argument("--checkpoint", required=True, help=".safetensors or torch state_dict")
-    oc.add_argument("--out", required=True, help="directory to create")
-    oc.add_argument("--bpe-vocab", default=None, help=f"CLIP's {BPE_FILE} (default: open_clip's)")
-    args = parser.parse_args(argv)
-    try:
-        cfg = convert_open_clip(args.model_config, args.checkpoint, args.out, args.bpe_vocab)
-    except (ConversionError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    kind = "CoCa" if cfg.captioning else "CLIP"
-    print(f"wrote {args.out}: {kind}, image {cfg.image_size}px, context {cfg.context_length}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
