@@ -41,10 +41,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 py="$venv/bin/python"
-# The openclip extra (torch, open_clip) for mmjax.interop.open_clip's tests: open_clip_torch and
-# torchvision without their dependencies, which would pull a multi-GB CUDA torch; and the tpu
-# extra (libtpu) for the TPU topology compile tests.
-openclip_pins="open_clip_torch==3.3.0 torchvision==0.28.0 transformers==4.46.3"
+# The openclip extra (torch, open_clip) for mmjax.interop.open_clip's tests: open_clip_torch,
+# torchvision and clip-benchmark without their dependencies, which would pull a multi-GB CUDA
+# torch; and the tpu extra (libtpu) for the TPU topology compile tests.
+openclip_pins="open_clip_torch==3.3.0 torchvision==0.28.0 transformers==4.46.3 clip-benchmark==1.6.2"
 openclip_stamp="$venv/.mmjax-openclip"
 openclip_want="$(printf '%s %s' "$want" "$openclip_pins" | sha256sum | cut -d' ' -f1)"
 if [ "$mode" = test ] && { [ ! -f "$openclip_stamp" ] || [ "$(cat "$openclip_stamp")" != "$openclip_want" ]; }; then

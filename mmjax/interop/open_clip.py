@@ -162,6 +162,7 @@ def model_config(oc: Mapping[str, Any]) -> ModelConfig:
             "vision.mlp_dim": int(v["mlp_ratio"] * v["width"]),
             "vision.class_token": True,
             "vision.ln_pre": True,
+            "vision.patch_bias": False,
             "text.width": int(t["width"]),
             "text.layers": int(t["layers"]),
             "text.heads": int(t["heads"]),
@@ -200,6 +201,7 @@ def model_config(oc: Mapping[str, Any]) -> ModelConfig:
             **{
                 "decoder.layers": int(m["layers"]),
                 "decoder.block": "split",
+                "decoder.head_bias": False,
                 "vision.caption_queries": int(v.get("attn_pooler_queries", 256)) - 1,
                 "vision.pool": "shared_queries",
                 "vision.pool_width": embed_dim,
@@ -225,6 +227,9 @@ def model_config(oc: Mapping[str, Any]) -> ModelConfig:
 # Fields the reverse mapping leaves out of the comparison: numerics and memory layout, which
 # change how a model runs, not which model it is.
 _RUN_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention", "max_logit_scale")
+# Biases open_clip lacks: a model that has them is checked on its weights instead (zero ones
+# export; export_state_dict names a non-zero one).
+_WEIGHT_CHECKED = ("vision.patch_bias", "decoder.head_bias")
 
 
 def open_clip_config(cfg: ModelConfig) -> tuple[dict[str, Any], list[str]]:
@@ -300,7 +305,9 @@ def open_clip_config(cfg: ModelConfig) -> tuple[dict[str, Any], list[str]]:
             differences += [
                 f"{key}.{name}: {value!r} -> {back[key][name]!r}"
                 for name, value in want[key].items()
-                if key != "video" and _differ(value, back[key][name])
+                if key != "video"
+                and f"{key}.{name}" not in _WEIGHT_CHECKED
+                and _differ(value, back[key][name])
             ]
         elif _differ(want[key], back[key]):
             differences.append(f"{key}: {want[key]!r} -> {back[key]!r}")
@@ -416,7 +423,8 @@ def _rules(cfg: ModelConfig, text_prefix: str) -> list[_Rule]:
     # conv [W, 3, P, P] -> kernel [(row, col, channel), W], mmjax's patch order.
     add("visual.conv1.weight", (w, 3, p, p), f"{img}/patch_embed/kernel",
         lambda x: x.transpose(2, 3, 1, 0).reshape(p * p * 3, w))  # fmt: skip
-    add((), (), f"{img}/patch_embed/bias", lambda: np.zeros(w, np.float32))  # conv has none
+    if cfg.vision.patch_bias:  # Workdirs converted before the switch existed: zeros.
+        add((), (), f"{img}/patch_embed/bias", lambda: np.zeros(w, np.float32))
     add("visual.class_embedding", (w,), f"{img}/cls_token")
     add("visual.positional_embedding", (cfg.vit_positions, w), f"{img}/pos_embed")
     norm("visual.ln_pre", w, f"{img}/ln_pre")
@@ -467,7 +475,8 @@ def _rules(cfg: ModelConfig, text_prefix: str) -> list[_Rule]:
             linear(f"{src}.mlp.c_proj", cfg.text.mlp_dim, tw, f"{dec}/mlp/fc2", i)
         norm("text_decoder.ln_final", tw, "decoder/ln_final")
         add("text_decoder.text_projection", (tw, cfg.vocab_size), "decoder/lm_head/kernel")
-        add((), (), "decoder/lm_head/bias", lambda: np.zeros(cfg.vocab_size, np.float32))
+        if cfg.decoder.head_bias:  # Workdirs converted before the switch existed: zeros.
+            add((), (), "decoder/lm_head/bias", lambda: np.zeros(cfg.vocab_size, np.float32))
     add("logit_scale", (), "logit_scale")
     return rules
 

@@ -66,6 +66,7 @@ class VisionConfig:
     caption_queries: int = 16  # N queries of the captioning attentional pooler.
     class_token: bool = False  # A learned token before the patches; positions cover it.
     ln_pre: bool = False  # LayerNorm between the embeddings and the blocks.
+    patch_bias: bool = True  # False: the patch embedding has no bias (open_clip's conv1).
     # two_poolers: 1-query and N-query poolers after a final LayerNorm (the paper);
     # shared_queries: one pooler of N+1 queries, query 0 -> contrastive (open_clip CoCa);
     # class_token: LayerNorm'd class token -> contrastive, no caption tokens (CLIP).
@@ -115,6 +116,7 @@ class DecoderConfig:
     # fused: self-attn, cross-attn, MLP; split: a self-attn block and a cross-attn block
     # with one MLP each and a LayerNorm on the image tokens (open_clip's decoder).
     block: str = "fused"
+    head_bias: bool = True  # False: the LM head has no bias (open_clip's text_projection).
     remat: str = ""
 
 

@@ -98,5 +98,5 @@ class PrefixLMDecoder(nn.Module):
         x = LayerNorm(cfg, name="ln_final")(x[:, prefix:])
         if hidden_only:
             return constrain(x, ("batch", "length", "act_embed"))
-        logits = Dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")(x)
+        logits = Dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head", cfg.decoder.head_bias)(x)
         return constrain(logits, ("batch", "length", "act_vocab"))

@@ -164,5 +164,5 @@ class MultimodalDecoder(nn.Module):
         x = LayerNorm(cfg, name="ln_final")(x)
         if hidden_only:
             return constrain(x, ("batch", "length", "act_embed"))
-        logits = Dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")(x)
+        logits = Dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head", cfg.decoder.head_bias)(x)
         return constrain(logits, ("batch", "length", "act_vocab"))

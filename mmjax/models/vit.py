@@ -114,7 +114,9 @@ class ImageEncoder(nn.Module):
         # Patchify by reshape + one matmul (same as a stride-p convolution).
         x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(b, (h // p) * (w // p), p * p * c)
-        x = Dense(cfg, cfg.vision.width, ("patch", "embed"), "patch_embed")(x)
+        x = Dense(cfg, cfg.vision.width, ("patch", "embed"), "patch_embed", cfg.vision.patch_bias)(
+            x
+        )
         # std 1/sqrt(width), as CLIP: position is learned far sooner than with 0.02.
         pos = self.param(
             "pos_embed",

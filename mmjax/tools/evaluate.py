@@ -1,6 +1,7 @@
 """Evaluate a trained run: every evaluator of its config (mmjax.evals.suite), or some.
 
   python -m mmjax.evaluate --workdir DIR [--step N] [--only default,zeroshot]
+      [--format clip_benchmark]
       [--config.evals.NAME.type=zeroshot --config.evals.NAME.classes=FILE ...]
 
 restores the latest (or the given) checkpoint of DIR, runs the default evaluation
@@ -8,6 +9,9 @@ restores the latest (or the given) checkpoint of DIR, runs the default evaluatio
 config.evals (keys eval/NAME/...), and writes DIR/eval.json. Evaluators can be added or
 changed on the command line. Eval batches are sharded over the mesh like training batches;
 padding rows are dropped, so every example counts once on any number of devices or processes.
+
+`--format clip_benchmark` also writes DIR/eval/clip_benchmark/NAME.json for every zero-shot and
+retrieval evaluation, in CLIP_benchmark's schema (mmjax.evals.clip_benchmark).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import jax
 
 from mmjax import storage
 from mmjax.data.stats import DataError
+from mmjax.evals import clip_benchmark
 from mmjax.evals.suite import EvalSuite
 from mmjax.runtime import cli, distributed, log, paths
 from mmjax.runtime.checkpoint import CheckpointError, read_params
@@ -38,6 +43,12 @@ def main(argv=None) -> int:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     parser.add_argument(
         "--only", default="", help="comma-separated evaluators to run ('default' or names)"
+    )
+    parser.add_argument(
+        "--format",
+        choices=("mmjax", "clip_benchmark"),
+        default="mmjax",
+        help="clip_benchmark: also one CLIP_benchmark JSON per zero-shot/retrieval evaluation",
     )
     args = parser.parse_args(rest)
     try:  # Before anything touches the devices.
@@ -90,6 +101,19 @@ def main(argv=None) -> int:
         for ref, hyp in suite.default.last_samples[:5]:
             print(f"  reference: {ref!r}\n  generated: {hyp!r}")
         print(f"wrote {workdir / 'eval.json'}")
+        if args.format == "clip_benchmark":
+            evaluators = {"default": ("default", config.data.eval)}
+            evaluators.update(
+                {n: (e.type_name, e.settings["data"]) for n, e in suite.named.items()}
+            )
+            found = clip_benchmark.records(
+                metrics, evaluators, model=workdir.name, pretrained=f"{workdir}@{step}"
+            )
+            for name, record in found.items():
+                path = workdir / "eval" / "clip_benchmark" / f"{name}.json"
+                storage.mkdir(path.parent)
+                storage.write_text(path, json.dumps(record, indent=2))
+                print(f"wrote {path}")
     return 0
 
 

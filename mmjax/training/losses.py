@@ -94,7 +94,7 @@ def caption_loss(
 def chunked_caption_loss(
     hidden: jax.Array,
     kernel: jax.Array,
-    bias: jax.Array,
+    bias: jax.Array | None,
     labels: jax.Array,
     pad_id: int = 0,
     *,
@@ -103,7 +103,7 @@ def chunked_caption_loss(
 ) -> tuple[jax.Array, jax.Array]:
     """`caption_loss` of the logits `hidden @ kernel + bias` without ever holding them whole.
 
-    hidden [B, T, W] (the LM head's input), kernel [W, V], bias [V], labels [B, T]. The
+    hidden [B, T, W] (the LM head's input), kernel [W, V], bias [V] or None, labels [B, T]. The
     positions are taken `chunk` at a time in a scan whose body is rematerialised: the forward
     pass keeps one chunk's [B, chunk, V] logits at a time and the backward pass recomputes
     them, so no [B, T, V] array exists in either (the largest tensor of a step with a 256k
@@ -123,7 +123,8 @@ def chunked_caption_loss(
     @jax.checkpoint
     def piece_loss(h, ids):
         logits = jnp.einsum("bcw,wv->bcv", h.astype(dtype), kernel.astype(dtype))
-        logits = logits + bias.astype(dtype)
+        if bias is not None:  # None: a head without bias (open_clip's).
+            logits = logits + bias.astype(dtype)
         per_token = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), ids)
         return jnp.sum(jnp.where(ids != pad_id, per_token, 0.0))
 

@@ -110,7 +110,7 @@ def loss_and_grads(
         if with_captioning and chunk:
             head = nn.unbox(params["decoder"]["lm_head"])  # Boxed straight from model.init.
             mean, count = chunked_caption_loss(
-                out["caption_hidden"], head["kernel"], head["bias"], tokens[:, 1:], PAD_ID,
+                out["caption_hidden"], head["kernel"], head.get("bias"), tokens[:, 1:], PAD_ID,
                 chunk=chunk, dtype=model.cfg.compute_dtype,
             )  # fmt: skip
             cap = mean * count.astype(jnp.float32) / num_tokens

@@ -38,7 +38,9 @@ def classification_metrics(
     """Metrics of `labels` [N] (ints) against `scores` [N, C] or predicted classes [N].
 
     Returns `accuracy`, `top{k}_accuracy` for each k in `top_k` with k <= C (scores only),
-    `macro_precision`, `macro_recall`, `macro_f1` (floats) and `confusion_matrix` ([C, C] int64,
+    `macro_precision`, `macro_recall`, `macro_f1` (over the classes that occur as label or
+    prediction), `mean_per_class_recall` (over the classes that occur as labels: balanced
+    accuracy, CLIP_benchmark's figure) and `confusion_matrix` ([C, C] int64,
     rows = true class, columns = predicted class). C is `scores.shape[1]`, else `num_classes`,
     else 1 + the largest label or prediction.
     """
@@ -93,6 +95,7 @@ def classification_metrics(
     metrics["macro_precision"] = float(precision[present].mean())
     metrics["macro_recall"] = float(recall[present].mean())
     metrics["macro_f1"] = float(f1[present].mean())
+    metrics["mean_per_class_recall"] = float(recall[actual > 0].mean())
     metrics["confusion_matrix"] = confusion
     return metrics
 
