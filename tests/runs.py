@@ -104,6 +104,17 @@ def xla_flags(devices: int, optimize: bool = False) -> str:
     return flags if optimize else f"{FAST_COMPILE} {flags}"
 
 
+def mmjax_cli(cwd, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m mmjax ARGS...` run from `cwd` as a user types it (relative paths work)."""
+    return subprocess.run(
+        [sys.executable, "-m", "mmjax", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def shared_dir(tmp_path_factory) -> Path:
     """A folder shared by all xdist workers of this pytest run (or this process's temp root)."""
     root = tmp_path_factory.getbasetemp()

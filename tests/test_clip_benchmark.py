@@ -8,8 +8,6 @@ names and templates. The two agree to 1e-3.
 """
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,6 +16,7 @@ from PIL import Image
 from mmjax.data.shapes import ShapesSource
 from mmjax.inference.prompts import read_classes, read_templates
 from mmjax.interop.open_clip import convert_open_clip
+from tests.runs import mmjax_cli
 from tests.test_open_clip_parity import ROOT, _save, build, clip_config, open_clip, torch
 
 classification = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification")
@@ -51,8 +50,7 @@ def _accuracy(output, target, topk=(1,)):
 
 
 def _run(cwd, *args):
-    proc = subprocess.run([sys.executable, "-m", "mmjax", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    proc = mmjax_cli(cwd, *args, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

@@ -2,17 +2,14 @@
 webdataset pipeline, on a corpus it writes, from a relative folder."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
+from tests.runs import mmjax_cli
+
 
 def _bench(cwd, *args):
-    return subprocess.run(
-        [sys.executable, "-m", "mmjax", "bench", "data", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    return mmjax_cli(cwd, "bench", "data", *args)
 
 
 @pytest.mark.slow

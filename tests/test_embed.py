@@ -3,14 +3,13 @@ relative folder, equal open_clip's own on the same pixels and texts."""
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from mmjax.interop.open_clip import convert_open_clip
+from tests.runs import mmjax_cli
 from tests.test_open_clip_parity import (
     TOL,
     _save,
@@ -27,10 +26,7 @@ TEXTS = ["a red circle", "two dogs playing in the snow", "a photo of a cat ."]
 
 
 def _embed(cwd, *args):
-    return subprocess.run(
-        [sys.executable, "-m", "mmjax", "embed", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    return mmjax_cli(cwd, "embed", *args)
 
 
 def _inputs(tmp_path, size):

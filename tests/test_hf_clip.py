@@ -2,8 +2,6 @@
 `mmjax export hf` gives back transformers' own model, both from relative paths."""
 
 import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +10,7 @@ import pytest
 
 from mmjax.interop.export import read_run
 from mmjax.models.coca import CoCa
+from tests.runs import mmjax_cli
 from tests.test_open_clip_parity import TOL, max_err, torch  # noqa: F401 (skips without torch)
 
 transformers = pytest.importorskip("transformers")
@@ -54,16 +53,11 @@ def _hf_features(model, pixels, ids, mean, std):
     return norm(image), norm(text)
 
 
-def _run(cwd, *args):
-    return subprocess.run([sys.executable, "-m", "mmjax", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-
-
 @pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
 def test_hf_clip_in_and_out(tmp_path, act):
     model = _hf_model(act)
     model.save_pretrained(tmp_path / "hf")
-    proc = _run(tmp_path, "convert", "hf", "--model-dir", "hf", "--out", "imported")
+    proc = mmjax_cli(tmp_path, "convert", "hf", "--model-dir", "hf", "--out", "imported")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "wrote imported: CLIP, image 32px, context 16"
 
@@ -77,7 +71,7 @@ def test_hf_clip_in_and_out(tmp_path, act):
     assert max_err(out["image_emb"], want_image) <= TOL
     assert max_err(out["text_emb"], want_text) <= TOL
 
-    proc = _run(tmp_path, "export", "hf", "--workdir", "imported", "--out", "exported")
+    proc = mmjax_cli(tmp_path, "export", "hf", "--workdir", "imported", "--out", "exported")
     assert proc.returncode == 0, proc.stderr[-2000:]
     back = transformers.AutoModel.from_pretrained(tmp_path / "exported").eval()
     assert type(back).__name__ == "CLIPModel"
@@ -96,11 +90,11 @@ def test_what_mmjax_cannot_represent_is_refused_in_one_line(tmp_path):
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     config["text_config"]["hidden_act"] = "relu"
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
-    proc = _run(tmp_path, "convert", "hf", "--model-dir", "hf", "--out", "x")
+    proc = mmjax_cli(tmp_path, "convert", "hf", "--model-dir", "hf", "--out", "x")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: config.json: hidden_act ['quick_gelu', 'relu'] is not supported (both towers "
         "one of ['gelu', 'quick_gelu'])"
     ]
-    proc = _run(tmp_path, "convert", "hf", "--model-dir", "nowhere", "--out", "x")
+    proc = mmjax_cli(tmp_path, "convert", "hf", "--model-dir", "nowhere", "--out", "x")
     assert proc.stderr.strip().splitlines() == ["error: --model-dir nowhere: no config.json"]

@@ -3,8 +3,6 @@
 parameters; a model open_clip cannot build is refused by name."""
 
 import json
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -14,6 +12,7 @@ from mmjax.interop.export import CONFIG_FILE, WEIGHTS_FILE, read_run
 from mmjax.interop.open_clip import convert_open_clip, default_bpe_vocab, write_workdir
 from mmjax.models.coca import CoCa
 from mmjax.models.config import ModelConfig
+from tests.runs import mmjax_cli
 from tests.test_open_clip_parity import (
     TOL,
     _save,
@@ -29,10 +28,7 @@ from tests.test_open_clip_parity import (
 
 
 def _export(cwd, *args):
-    return subprocess.run(
-        [sys.executable, "-m", "mmjax", "export", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    return mmjax_cli(cwd, "export", *args)
 
 
 def _load_exported(directory):

@@ -2,8 +2,6 @@
 interval, and the side-by-side run of two worker processes from the command line."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ import pytest
 from mmjax.benchmarks.side_by_side import median_interval
 from mmjax.interop.open_clip import ConversionError, model_config, open_clip_config
 from mmjax.models.config import ModelConfig
-from tests.runs import REPO
+from tests.runs import REPO, mmjax_cli
 
 
 def _open_clip_config(coca=True):
@@ -77,10 +75,7 @@ def test_median_interval_covers_the_median_as_often_as_it_claims():
 
 
 def _bench(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "mmjax", "bench", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    return mmjax_cli(REPO, "bench", *args)
 
 
 @pytest.mark.slow

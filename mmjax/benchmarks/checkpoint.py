@@ -30,7 +30,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from mmjax.benchmarks.step_timing import prepare_step
+from mmjax.benchmarks.step_timing import prepare_step, warm_up
 from mmjax.runtime import cli
 from mmjax.runtime.checkpoint import Checkpointer
 from mmjax.runtime.config import ConfigError, load_config, split_config_flags
@@ -47,15 +47,8 @@ def _median(values: list[float]) -> float:
 def measure(config, steps: int, directory: Path, repeats: int = 3) -> dict:
     """Save/restore times and sizes, and the step time with and without saves."""
     prepared = prepare_step(config)
-    abstract, state, compiled, batch = (
-        prepared.abstract,
-        prepared.state,
-        prepared.step,
-        prepared.batch,
-    )
-    for _ in range(2):  # Warm-up.
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
+    abstract, compiled, batch = prepared.abstract, prepared.step, prepared.batch
+    state, _ = warm_up(prepared)
 
     # One save at a time, nothing else running: the latency of a checkpoint.
     blocking, total, restoring = [], [], []
@@ -95,7 +88,7 @@ def measure(config, steps: int, directory: Path, repeats: int = 3) -> dict:
     plain += timed_steps(None, 2000)
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     return {
-        "params": int(sum(np.prod(a.shape) for a in jax.tree.leaves(abstract.params))),
+        "params": prepared.parameters,
         "state_bytes": int(state_bytes),
         "disk_bytes": size,
         "save_blocking_seconds": _median(blocking),

@@ -56,20 +56,16 @@ def _serve(step, out: IO[str]) -> None:
 
 
 def _mmjax_worker(config, warmup: int, out: IO[str]) -> None:
-    import jax
-
     from mmjax.benchmarks.step_timing import model_flops, prepare_step, timed_step, warm_up
 
     prepared = prepare_step(config)
-    cost = prepared.step.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     state, metrics = warm_up(prepared, warmup)
     out.write(json.dumps({
         "side": "mmjax",
         "flops_per_step": model_flops(config, prepared.model_cfg),
         "flops_counted_by": "mmjax.models.flops (analytic)",
-        "xla_flops_per_step": float(cost.get("flops", float("nan"))) * jax.device_count(),
-        "params": int(sum(np.prod(a.shape) for a in jax.tree.leaves(prepared.abstract.params))),
+        "xla_flops_per_step": prepared.xla_flops,
+        "params": prepared.parameters,
         "setup_seconds": prepared.compile_seconds,
         "loss": float(metrics["loss"]),
     }) + "\n")  # fmt: skip

@@ -46,6 +46,17 @@ class PreparedStep:
     batch: dict[str, jax.Array]
     compile_seconds: float
 
+    @property
+    def parameters(self) -> int:
+        return int(sum(np.prod(a.shape) for a in jax.tree.leaves(self.abstract.params)))
+
+    @property
+    def xla_flops(self) -> float:
+        """FLOPs of one step by XLA's cost analysis (all devices; a scanned body once)."""
+        cost = self.step.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost.get("flops", float("nan"))) * jax.device_count()
+
 
 def prepare_step(config) -> PreparedStep:
     """Mesh, state and compiled step of `config`, as the trainer builds them, on a

@@ -46,9 +46,7 @@ def _peak_after_steps(dtype: str, peak: float, source: str) -> tuple[float, str]
 
 def run(config, steps: int, warmup: int = 2) -> dict:
     prepared = prepare_step(config)
-    model_cfg, mesh, abstract = prepared.model_cfg, prepared.mesh, prepared.abstract
-    cost = prepared.step.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    model_cfg, mesh = prepared.model_cfg, prepared.mesh
     state, metrics = warm_up(prepared, warmup)
     peak, peak_source = peak_flops(model_cfg.dtype, fresh=True)
     times = []
@@ -64,7 +62,7 @@ def run(config, steps: int, warmup: int = 2) -> dict:
         "step_seconds_min": float(np.min(times)),
         "compile_seconds": prepared.compile_seconds,
         "flops_per_step": flops,
-        "xla_flops_per_step": float(cost.get("flops", float("nan"))) * jax.device_count(),
+        "xla_flops_per_step": prepared.xla_flops,
         "peak_flops": peak,
         "peak_source": peak_source,
         "mfu": flops / step_seconds / peak,
@@ -80,7 +78,7 @@ def run(config, steps: int, warmup: int = 2) -> dict:
         # mmjax.runtime.host_memory's doing (or the user's): malloc reuse and inline CPU dispatch.
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "cpu_async_dispatch": jax.config.values.get("jax_cpu_enable_async_dispatch"),
-        "params": int(sum(np.prod(a.shape) for a in jax.tree.leaves(abstract.params))),
+        "params": prepared.parameters,
         "loss": float(metrics["loss"]),
     }
 

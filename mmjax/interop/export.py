@@ -58,54 +58,53 @@ def read_run(workdir: str, step: int | None = None) -> tuple[ModelConfig, int, A
     return cfg, found, params
 
 
-def export_open_clip(workdir: str, out: str, step: int | None = None) -> dict[str, Any]:
-    """Writes OUT/open_clip_config.json and OUT/open_clip_model.safetensors; returns a summary."""
-    try:
-        from safetensors.numpy import save_file
-    except ImportError:
-        raise ConversionError(
-            "safetensors is not installed; pip install -e . (it is a core dependency)"
-        ) from None
+def _exportable(workdir: str, step: int | None, target: str):
+    """(model config, step, params, open_clip config) of a run the target builds exactly;
+    ConversionError naming every field in which it would differ otherwise."""
     cfg, found, params = read_run(workdir, step)
     oc, differences = open_clip_config(cfg)
     if differences:
         raise ConversionError(
-            "open_clip has no model equal to this one; it would differ in " + "; ".join(differences)
+            f"{target} has no model equal to this one; it would differ in " + "; ".join(differences)
         )
-    state = export_state_dict(params, cfg)
-    target = Path(out)
+    return cfg, found, params, oc
+
+
+def _write(target: Path, files: dict[str, Any], weights: str, state: dict, metadata=None):
+    """JSON `files` and the safetensors `weights` into `target`; returns the summary."""
+    from safetensors.numpy import save_file
+
     target.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (target / name).write_text(json.dumps(content, indent=2) + "\n")
+    # np.ascontiguousarray would make the 0-d logit scale 1-d.
+    arrays = {k: np.array(v, order="C") for k, v in state.items()}
+    save_file(arrays, str(target / weights), metadata=metadata)
+    return {
+        "tensors": len(state),
+        "parameters": int(sum(v.size for v in state.values())),
+        "config": str(target / next(iter(files))),
+        "weights": str(target / weights),
+    }
+
+
+def export_open_clip(workdir: str, out: str, step: int | None = None) -> dict[str, Any]:
+    """Writes OUT/open_clip_config.json and OUT/open_clip_model.safetensors; returns a summary."""
+    cfg, found, params, oc = _exportable(workdir, step, "open_clip")
     hub = {
         "model_cfg": {k: v for k, v in oc.items() if k != "preprocess_cfg"},
         "preprocess_cfg": {"size": cfg.image_size, **oc["preprocess_cfg"]},
     }
-    (target / CONFIG_FILE).write_text(json.dumps(hub, indent=2) + "\n")
-    # np.ascontiguousarray would make the 0-d logit scale 1-d.
-    save_file({k: np.array(v, order="C") for k, v in state.items()}, str(target / WEIGHTS_FILE))
-    return {
-        "step": found,
-        "model": "CoCa" if cfg.captioning else "CLIP",
-        "tensors": len(state),
-        "parameters": int(sum(v.size for v in state.values())),
-        "config": str(target / CONFIG_FILE),
-        "weights": str(target / WEIGHTS_FILE),
-    }
+    summary = _write(Path(out), {CONFIG_FILE: hub}, WEIGHTS_FILE, export_state_dict(params, cfg))
+    return {"step": found, "model": "CoCa" if cfg.captioning else "CLIP", **summary}
 
 
 def export_hf(workdir: str, out: str, step: int | None = None) -> dict[str, Any]:
     """Writes OUT/config.json, OUT/model.safetensors and OUT/preprocessor_config.json of a
     transformers CLIPModel (`transformers.AutoModel.from_pretrained(OUT)`)."""
-    from safetensors.numpy import save_file
-
     from mmjax.interop import hf_clip
 
-    cfg, found, params = read_run(workdir, step)
-    oc, differences = open_clip_config(cfg)
-    if differences:
-        raise ConversionError(
-            "transformers' CLIPModel has no model equal to this one; it would differ in "
-            + "; ".join(differences)
-        )
+    cfg, found, params, oc = _exportable(workdir, step, "transformers' CLIPModel")
     if cfg.captioning:
         raise ConversionError(
             "a CoCa's image tower pools with attention queries, which transformers' CLIPModel "
@@ -114,9 +113,6 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> dict[str, Any]
     if cfg.init_logit_bias:
         raise ConversionError("a model with a logit bias (sigmoid loss) is not a CLIPModel")
     state = hf_clip.from_open_clip_state(export_state_dict(params, cfg), oc)
-    target = Path(out)
-    target.mkdir(parents=True, exist_ok=True)
-    (target / "config.json").write_text(json.dumps(hf_clip.hf_config(oc), indent=2) + "\n")
     size = cfg.image_size
     processor = {
         "image_processor_type": "CLIPImageProcessor",
@@ -132,18 +128,10 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> dict[str, Any]
         "image_std": list(cfg.image_std),
         "do_convert_rgb": True,
     }
-    (target / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    files = {"config.json": hf_clip.hf_config(oc), "preprocessor_config.json": processor}
     # transformers reads only safetensors files that say which framework wrote them.
-    save_file({k: np.array(v, order="C") for k, v in state.items()},
-              str(target / hf_clip.WEIGHTS), metadata={"format": "pt"})  # fmt: skip
-    return {
-        "step": found,
-        "model": "CLIPModel",
-        "tensors": len(state),
-        "parameters": int(sum(v.size for v in state.values())),
-        "config": str(target / "config.json"),
-        "weights": str(target / hf_clip.WEIGHTS),
-    }
+    summary = _write(Path(out), files, hf_clip.WEIGHTS, state, metadata={"format": "pt"})
+    return {"step": found, "model": "CLIPModel", **summary}
 
 
 TARGETS = {"open_clip": export_open_clip, "hf": export_hf}
