@@ -5,7 +5,9 @@
 
 `hf` writes config.json, model.safetensors and preprocessor_config.json, which
 `transformers.AutoModel.from_pretrained("exported_hf")` loads as a CLIPModel (a CLIP in
-open_clip's layout: class token, argmax text pooling; not a CoCa).
+open_clip's layout: class token, argmax text pooling; not a CoCa) or, for a sigmoid run, as
+a SiglipModel (SigLIP's layout: mmjax.interop.hf_siglip; with its spiece.model when the run
+reads SigLIP's tokenizer).
 
 DIR gets the files of an open_clip model on the Hugging Face Hub: `open_clip_config.json`
 ({"model_cfg": open_clip's model config, "preprocess_cfg": image size, mean, std}) and
@@ -21,6 +23,7 @@ is refused, by name, in one line. Needs numpy and safetensors only (the default 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -101,9 +104,13 @@ def export_open_clip(workdir: str, out: str, step: int | None = None) -> dict[st
 
 def export_hf(workdir: str, out: str, step: int | None = None) -> dict[str, Any]:
     """Writes OUT/config.json, OUT/model.safetensors and OUT/preprocessor_config.json of a
-    transformers CLIPModel (`transformers.AutoModel.from_pretrained(OUT)`)."""
+    transformers CLIPModel, or SiglipModel for a sigmoid run
+    (`transformers.AutoModel.from_pretrained(OUT)`)."""
     from mmjax.interop import hf_clip
 
+    config = from_json_file(paths.run_dir(workdir) / "config.json")
+    if config.loss.get("contrastive") == "sigmoid":
+        return export_hf_siglip(workdir, out, step, config)
     cfg, found, params, oc = _exportable(workdir, step, "transformers' CLIPModel")
     if cfg.captioning:
         raise ConversionError(
@@ -132,6 +139,40 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> dict[str, Any]
     # transformers reads only safetensors files that say which framework wrote them.
     summary = _write(Path(out), files, hf_clip.WEIGHTS, state, metadata={"format": "pt"})
     return {"step": found, "model": "CLIPModel", **summary}
+
+
+def export_hf_siglip(workdir: str, out: str, step: int | None, config) -> dict[str, Any]:
+    """A sigmoid run as a transformers SiglipModel, with its SentencePiece tokenizer when the
+    run reads one in SigLIP's layout."""
+    from mmjax.interop import hf_clip, hf_siglip
+
+    cfg, found, params = read_run(workdir, step)
+    differences = hf_siglip.differences(cfg)
+    if differences:
+        raise ConversionError(
+            "transformers' SiglipModel has no model equal to this one; it would differ in "
+            + "; ".join(differences)
+        )
+    files = {
+        "config.json": hf_siglip.hf_config(cfg),
+        "preprocessor_config.json": hf_siglip.processor_config(cfg),
+    }
+    target = Path(out)
+    tokenizer = config.data.get("tokenizer", "")
+    if config.data.get("tokenizer_type") == "siglip" and tokenizer:
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tokenizer, target / hf_siglip.TOKENIZER_FILE)
+        files["tokenizer_config.json"] = {
+            "tokenizer_class": "SiglipTokenizer",
+            "model_max_length": cfg.context_length,
+            "do_lower_case": True,
+            "eos_token": "</s>",
+            "pad_token": "</s>",
+            "unk_token": "<unk>",
+        }
+    state = hf_siglip.from_params(params, cfg)
+    summary = _write(target, files, hf_clip.WEIGHTS, state, metadata={"format": "pt"})
+    return {"step": found, "model": "SiglipModel", **summary}
 
 
 TARGETS = {"open_clip": export_open_clip, "hf": export_hf}

@@ -38,7 +38,7 @@ def _towers(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     if model_type != "clip":
         raise ConversionError(
             f"config.json: model_type {model_type!r} is not supported (supported: 'clip', "
-            "a transformers CLIPModel)"
+            "a transformers CLIPModel, and 'siglip', a SiglipModel)"
         )
     text = {**_TEXT, **config.get("text_config", {})}
     vision = {**_VISION, **config.get("vision_config", {})}

@@ -19,12 +19,14 @@ import dataclasses
 import importlib.util
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mmjax.interop import tensor_map
+from mmjax.interop.tensor_map import ConversionError, Rules
 from mmjax.models.coca import CoCa
 from mmjax.models.config import ModelConfig
 from mmjax.runtime.checkpoint import Checkpointer
@@ -89,10 +91,6 @@ _TEXT = {
 }
 # Buffers open_clip may save that carry no parameters.
 _IGNORED = ("attn_mask",)
-
-
-class ConversionError(ValueError):
-    """The checkpoint or config does not match what mmjax can reproduce (one line)."""
 
 
 def _check_keys(section: str, values: Mapping[str, Any], allowed: Mapping[str, Any]) -> None:
@@ -295,8 +293,14 @@ def open_clip_config(cfg: ModelConfig) -> tuple[dict[str, Any], list[str]]:
             "heads": t.heads,
             "layers": cfg.decoder.layers,
         }
-    back = _effective(dataclasses.asdict(model_config(oc)))
-    want = _effective(dataclasses.asdict(cfg))
+    return oc, config_differences(cfg, model_config(oc))
+
+
+def config_differences(want_cfg: ModelConfig, back_cfg: ModelConfig) -> list[str]:
+    """The model fields in which `back_cfg` (another library's nearest model, mapped back)
+    differs from `want_cfg`, as 'field: mine -> theirs'; run settings are left out."""
+    back = _effective(dataclasses.asdict(back_cfg))
+    want = _effective(dataclasses.asdict(want_cfg))
     differences = []
     for key in sorted(want):
         if key in _RUN_FIELDS:
@@ -311,7 +315,7 @@ def open_clip_config(cfg: ModelConfig) -> tuple[dict[str, Any], list[str]]:
             ]
         elif _differ(want[key], back[key]):
             differences.append(f"{key}: {want[key]!r} -> {back[key]!r}")
-    return oc, differences
+    return differences
 
 
 def _effective(fields: dict[str, Any]) -> dict[str, Any]:
@@ -332,87 +336,14 @@ def _differ(a: Any, b: Any) -> bool:
     return a != b
 
 
-@dataclasses.dataclass
-class _Rule:
-    sources: tuple[str, ...]  # open_clip tensor names.
-    shapes: tuple[tuple[int, ...], ...]  # Their expected shapes.
-    target: tuple[str, ...]  # mmjax parameter path.
-    fn: Callable[..., np.ndarray]
-    layer: int | None = None  # Stacked along a leading axis (scanned layers).
-
-
-def _attention(heads: int, width: int) -> dict[str, Callable]:
-    hk = (heads, width // heads)
-
-    def qkv(w):  # [3D, Din] rows [Wq; Wk; Wv] -> [Din, 3, H, K]
-        return w.reshape(3, *hk, w.shape[1]).transpose(3, 0, 1, 2)
-
-    def separate(*ws):  # [D, Din] each -> [Din, n, H, K]
-        return np.stack([w.reshape(*hk, w.shape[1]).transpose(2, 0, 1) for w in ws], axis=1)
-
-    return dict(
-        qkv=qkv,
-        qkv_bias=lambda b: b.reshape(3, *hk),
-        out=lambda w: w.T.reshape(*hk, w.shape[0]),
-        separate=separate,
-    )
-
-
-def _rules(cfg: ModelConfig, text_prefix: str) -> list[_Rule]:
-    rules: list[_Rule] = []
-    T = lambda w: w.T
-    same = lambda w: w
-
-    def add(sources, shapes, target, fn=same, layer=None):
-        if isinstance(sources, str):
-            sources, shapes = (sources,), (shapes,)
-        rules.append(_Rule(tuple(sources), tuple(shapes), tuple(target.split("/")), fn, layer))
-
-    def norm(src, width, target, layer=None):
-        add(f"{src}.weight", (width,), f"{target}/scale", layer=layer)
-        add(f"{src}.bias", (width,), f"{target}/bias", layer=layer)
-
-    def linear(src, din, dout, target, layer=None):
-        add(f"{src}.weight", (dout, din), f"{target}/kernel", T, layer)
-        add(f"{src}.bias", (dout,), f"{target}/bias", layer=layer)
-
-    def self_attention(src, width, heads, target, layer):
-        a = _attention(heads, width)
-        add(f"{src}.in_proj_weight", (3 * width, width), f"{target}/qkv_kernel", a["qkv"], layer)
-        add(f"{src}.in_proj_bias", (3 * width,), f"{target}/qkv_bias", a["qkv_bias"], layer)
-        add(f"{src}.out_proj.weight", (width, width), f"{target}/out_kernel", a["out"], layer)
-        add(f"{src}.out_proj.bias", (width,), f"{target}/out_bias", layer=layer)
-
-    def cross_attention(src, width, context, heads, target, layer=None):
-        a = _attention(heads, width)
-        w, b = f"{src}.in_proj_weight", f"{src}.in_proj_bias"
-        if context == width:  # torch fuses the three projections then.
-            shape = (3 * width, width)
-            add(w, shape, f"{target}/query_kernel", lambda x: a["separate"](x[:width]), layer)
-            add(
-                w,
-                shape,
-                f"{target}/kv_kernel",
-                lambda x: a["separate"](*x[width:].reshape(2, width, -1)),
-                layer,
-            )  # noqa: E501
-        else:
-            add(f"{src}.q_proj_weight", (width, width), f"{target}/query_kernel", a["separate"])
-            add(
-                (f"{src}.k_proj_weight", f"{src}.v_proj_weight"),
-                ((width, context), (width, context)),
-                f"{target}/kv_kernel",
-                a["separate"],
-            )
-        hk = (heads, width // heads)
-        add(b, (3 * width,), f"{target}/query_bias", lambda x: x[:width].reshape(1, *hk), layer)
-        add(b, (3 * width,), f"{target}/kv_bias", lambda x: x[width:].reshape(2, *hk), layer)
-        add(f"{src}.out_proj.weight", (width, width), f"{target}/out_kernel", a["out"], layer)
-        add(f"{src}.out_proj.bias", (width,), f"{target}/out_bias", layer=layer)
+def _rules(cfg: ModelConfig, text_prefix: str) -> Rules:
+    rules = Rules()
+    add, norm, linear = rules.add, rules.norm, rules.linear
+    cross_attention = rules.cross_attention
 
     def block(src, width, heads, mlp, target, layer, names=("ln_attn", "attn", "ln_mlp", "mlp")):
         norm(f"{src}.ln_1", width, f"{target}/{names[0]}", layer)
-        self_attention(f"{src}.attn", width, heads, f"{target}/{names[1]}", layer)
+        rules.self_attention(f"{src}.attn", width, heads, f"{target}/{names[1]}", layer)
         norm(f"{src}.ln_2", width, f"{target}/{names[2]}", layer)
         linear(f"{src}.mlp.c_fc", width, mlp, f"{target}/{names[3]}/fc1", layer)
         linear(f"{src}.mlp.c_proj", mlp, width, f"{target}/{names[3]}/fc2", layer)
@@ -498,98 +429,25 @@ def convert_state_dict(
     state = _normalise_names(state)
     text_prefix = "text." if any(k.startswith("text.") for k in state) else ""
     rules = _rules(cfg, text_prefix)
-    expected: dict[str, tuple[int, ...]] = {}
-    for rule in rules:
-        expected.update(zip(rule.sources, rule.shapes))
     optional = {"logit_bias"}
     ignored = {k for k in state if k.rsplit(".", 1)[-1] in _IGNORED} | (optional & set(state))
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected) - ignored)
-    if missing or extra:
-        parts = [f"missing tensors {missing}" if missing else "", f"unexpected tensors {extra}"]
-        raise ConversionError("checkpoint does not match the config: " + "; ".join(
-            x for x in parts if x and not x.endswith("[]")))  # fmt: skip
-    for name, shape in expected.items():
-        found = tuple(np.shape(state[name]))
-        if found != tuple(shape):
-            raise ConversionError(f"tensor {name}: expected shape {tuple(shape)}, found {found}")
-    from tqdm import tqdm
-
-    stacks: dict[tuple[str, ...], dict[int, np.ndarray]] = {}
-    flat: dict[tuple[str, ...], np.ndarray] = {}
-    for rule in tqdm(rules, desc="convert", unit="tensor", disable=not progress):
-        value = np.asarray(rule.fn(*(np.asarray(state[s], np.float32) for s in rule.sources)))
-        if rule.layer is None:
-            flat[rule.target] = value.astype(np.float32)
-        else:
-            stacks.setdefault(rule.target, {})[rule.layer] = value.astype(np.float32)
-    for target, layers in stacks.items():
-        flat[target] = np.stack([layers[i] for i in sorted(layers)])
-    flat[("logit_bias",)] = np.asarray(state.get("logit_bias", np.zeros(())), np.float32).reshape(
-        ()
-    )
-    params: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = params
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return params
-
-
-def _source_positions(rule: _Rule) -> np.ndarray:
-    """For each element of the rule's target, the position of its source element among the
-    rule's sources laid end to end. A rule only rearranges elements (transposes, reshapes,
-    slices, stacks), so applying it to numbered elements tells where each one went."""
-    offsets = np.cumsum([0, *(int(np.prod(shape)) for shape in rule.shapes)])
-    numbered = [
-        np.arange(offsets[i], offsets[i + 1], dtype=np.float64).reshape(shape)
-        for i, shape in enumerate(rule.shapes)
-    ]
-    return np.asarray(rule.fn(*numbered)).astype(np.int64)
+    tensor_map.check_state(state, rules, ignored)
+    flat = tensor_map.to_params(state, rules, progress)
+    bias = np.asarray(state.get("logit_bias", np.zeros(())), np.float32).reshape(())
+    flat[("logit_bias",)] = bias
+    return tensor_map.nest(flat)
 
 
 def export_state_dict(params: Mapping[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
     """convert_state_dict in reverse: mmjax params (scanned layout) -> open_clip tensors.
 
-    Every rule of the import runs backwards through _source_positions, so the two
+    Every rule of the import runs backwards (mmjax.interop.tensor_map), so the two
     directions cannot disagree. A parameter open_clip has no tensor for (the patch
     embedding's and the LM head's biases) must hold the value the import writes (zeros);
     otherwise the export is refused by name.
     """
     text_prefix = "text." if cfg.captioning else ""  # open_clip's CoCa nests its text tower.
-    flat: dict[str, np.ndarray] = {}
-    covered: dict[str, np.ndarray] = {}
-    for rule in _rules(cfg, text_prefix):
-        value = params
-        for key in rule.target:
-            value = value[key]
-        value = np.asarray(value, np.float32)
-        if rule.layer is not None:
-            value = value[rule.layer]
-        name = "/".join(rule.target)
-        if not rule.sources:
-            if not np.array_equal(value, rule.fn()):
-                raise ConversionError(
-                    f"parameter {name} is not zero; open_clip's model has no such tensor"
-                )
-            continue
-        positions = _source_positions(rule)
-        offsets = np.cumsum([0, *(int(np.prod(shape)) for shape in rule.shapes)])
-        for i, (source, shape) in enumerate(zip(rule.sources, rule.shapes, strict=True)):
-            size = int(np.prod(shape))
-            out = flat.setdefault(source, np.zeros(size, np.float32))
-            seen = covered.setdefault(source, np.zeros(size, bool))
-            mine = (positions >= offsets[i]) & (positions < offsets[i + 1])
-            out[positions[mine] - offsets[i]] = value[mine]
-            seen[positions[mine] - offsets[i]] = True
-    for source, seen in covered.items():
-        if not seen.all():  # The import rules leave part of a tensor unread: a mapping bug.
-            raise ConversionError(f"export leaves part of open_clip tensor {source} unset")
-    shapes = {
-        s: shape for rule in _rules(cfg, text_prefix) for s, shape in zip(rule.sources, rule.shapes)
-    }
-    state = {source: flat[source].reshape(shapes[source]) for source in flat}
+    state = tensor_map.from_params(params, _rules(cfg, text_prefix), "open_clip")
     if cfg.init_logit_bias:  # open_clip_config then builds the model with a logit bias.
         state["logit_bias"] = np.asarray(params["logit_bias"], np.float32).reshape(())
     return state
@@ -661,8 +519,8 @@ def default_bpe_vocab() -> Path | None:
     return path if path.is_file() else None
 
 
-def workdir_config(cfg: ModelConfig, bpe_vocab: Path):
-    """configs/coca.py's defaults with this model and the CLIP BPE tokenizer."""
+def workdir_config(cfg: ModelConfig, tokenizer: Path, tokenizer_type: str = "clip_bpe"):
+    """configs/coca.py's defaults with this model and its tokenizer (data.tokenizer_type)."""
     import ml_collections
 
     config = load_config(str(Path(__file__).resolve().parents[2] / "configs" / "coca.py"))
@@ -670,8 +528,8 @@ def workdir_config(cfg: ModelConfig, bpe_vocab: Path):
     model["image_mean"], model["image_std"] = list(cfg.image_mean), list(cfg.image_std)
     with config.unlocked():
         config.model = ml_collections.ConfigDict(model)
-        config.data.tokenizer = str(bpe_vocab.resolve())
-        config.data.tokenizer_type = "clip_bpe"
+        config.data.tokenizer = str(tokenizer.resolve())
+        config.data.tokenizer_type = tokenizer_type
         if not cfg.captioning:
             config.loss.caption_weight = 0.0
         if cfg.init_logit_bias:  # A learnt logit bias: a SigLIP-style sigmoid model.
@@ -683,8 +541,9 @@ def write_workdir(
     out: str | Path,
     params: Mapping[str, Any],
     cfg: ModelConfig,
-    bpe_vocab: Path,
+    tokenizer: Path,
     source: str = "open_clip",
+    tokenizer_type: str = "clip_bpe",
 ):
     """DIR/config.json and DIR/checkpoints/0 (params only), read by mmjax.inference.predictor and
     mmjax.train --config.init_from=DIR."""
@@ -694,7 +553,10 @@ def write_workdir(
     if (out / "checkpoints").exists():
         raise ConversionError(f"{out}/checkpoints already exists; pick a new --out")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(to_json(workdir_config(cfg, bpe_vocab)))
+    # A trained scale above mmjax's default cap (SigLIP's ~112 > 100) is kept exactly.
+    scale = float(np.asarray(params["logit_scale"]))
+    cfg = dataclasses.replace(cfg, max_logit_scale=max(cfg.max_logit_scale, scale))
+    (out / "config.json").write_text(to_json(workdir_config(cfg, tokenizer, tokenizer_type)))
     checkpointer = Checkpointer(out / "checkpoints", async_save=False)
     try:
         state = {"params": jax.tree.map(jax.numpy.asarray, params)}
@@ -728,8 +590,11 @@ def import_state(
     bpe_vocab: str | Path | None,
     source: str,
     progress: bool = True,
+    copy_tokenizer: bool = False,
 ) -> ModelConfig:
-    """An open_clip model config and state dict (from any source) -> an mmjax workdir."""
+    """An open_clip model config and state dict (from any source) -> an mmjax workdir.
+    `copy_tokenizer`: the vocabulary is copied into the workdir (a model directory's own
+    tokenizer files), else referred to where it is (open_clip's bundled file)."""
     cfg = model_config(oc)
     vocab = Path(bpe_vocab) if bpe_vocab else default_bpe_vocab()
     if vocab is None or not vocab.is_file():
@@ -738,5 +603,18 @@ def import_state(
         )
     params = convert_state_dict(state, cfg, progress=progress)
     check_against_model(params, cfg)
+    if copy_tokenizer:
+        vocab = copy_into(vocab, out)
     write_workdir(out, params, cfg, vocab, source)
     return cfg
+
+
+def copy_into(file: Path, out: str | Path) -> Path:
+    """`file` copied into the new workdir `out` (created), so that the workdir stands alone."""
+    import shutil
+
+    out = Path(out)
+    if (out / "checkpoints").exists():
+        raise ConversionError(f"{out}/checkpoints already exists; pick a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copyfile(file, out / file.name))

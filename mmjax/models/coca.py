@@ -37,8 +37,11 @@ class CoCa(nn.Module):
         self.text_encoder = registry.text_encoder(cfg, decode=self.decode)
         if cfg.captioning:  # Plain CLIP has no decoder.
             self.decoder = registry.decoder(cfg, decode=self.decode)
-        self.image_proj = Dense(cfg, cfg.embed_dim, ("embed", "joint"), "image_proj", False)
-        self.text_proj = Dense(cfg, cfg.embed_dim, ("embed", "joint"), "text_proj", False)
+        if cfg.vision.proj:  # Else the pooled vector is the embedding (SigLIP).
+            self.image_proj = Dense(cfg, cfg.embed_dim, ("embed", "joint"), "image_proj", False)
+        self.text_proj = Dense(
+            cfg, cfg.embed_dim, ("embed", "joint"), "text_proj", cfg.text.proj_bias
+        )
         self.logit_scale = self.param(
             "logit_scale",
             partitioned(nn.initializers.constant(cfg.init_logit_scale), ()),
@@ -66,13 +69,15 @@ class CoCa(nn.Module):
             pooled, caption_tokens = self.image_encoder(images, patch_keep)
         if self.cfg.captioning and not self.cfg.caption_tokens_from_tower:
             caption_tokens = pooled[:, None]
-        return l2_normalise(self.image_proj(pooled)), caption_tokens
+        embedding = self.image_proj(pooled) if self.cfg.vision.proj else pooled
+        return l2_normalise(embedding), caption_tokens
 
     def encode_text(self, tokens: Array) -> tuple[Array, Array]:
         """-> (L2-normalised embedding [B, E] in f32, token features [B, L-1, W]).
 
-        With text_pool='argmax' (CLIP) the encoder reads all L tokens (no CLS slot)."""
-        if self.cfg.text.pool == "argmax":
+        With text.pool 'argmax' (CLIP) or 'last' (SigLIP) the encoder reads all L tokens
+        (no CLS slot)."""
+        if self.cfg.text.pool in ("argmax", "last"):
             cls, features = self.text_encoder(tokens)
         else:
             cls, features = self.text_encoder(tokens[:, :-1])

@@ -32,8 +32,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Layout options that reproduce open_clip (mmjax.interop.open_clip); each tuple starts with
 # the default.
 MLP_ACTIVATIONS = ("gelu_tanh", "gelu", "quick_gelu")
-VIT_POOLS = ("two_poolers", "shared_queries", "class_token")
-TEXT_POOLS = ("cls", "argmax")
+VIT_POOLS = ("two_poolers", "shared_queries", "class_token", "map")
+TEXT_POOLS = ("cls", "argmax", "last")
 TEXT_MASKS = ("pad_keys", "open_clip")
 DECODER_BLOCKS = ("fused", "split")
 # How image and text meet (mmjax/models/registry.py DECODERS), with what the decoder reads
@@ -69,10 +69,15 @@ class VisionConfig:
     patch_bias: bool = True  # False: the patch embedding has no bias (open_clip's conv1).
     # two_poolers: 1-query and N-query poolers after a final LayerNorm (the paper);
     # shared_queries: one pooler of N+1 queries, query 0 -> contrastive (open_clip CoCa);
-    # class_token: LayerNorm'd class token -> contrastive, no caption tokens (CLIP).
+    # class_token: LayerNorm'd class token -> contrastive, no caption tokens (CLIP);
+    # map: a final LayerNorm, then one learned probe attends to the tokens, plus a residual
+    # MLP (SigLIP's multihead attention pooling head), no caption tokens.
     pool: str = "two_poolers"
     pool_width: int = 0  # shared_queries: query width (open_clip: embed_dim); 0 = width.
     pool_heads: int = 0  # 0 = heads.
+    # False: the pooled vector is the image embedding, with no projection into the joint
+    # space (SigLIP); embed_dim must then equal the pooled width.
+    proj: bool = True
     remat: str = ""  # '' = model.remat
     # ResNet-50 style bottleneck stages: blocks per stage; stage i has resnet_width * 2**i
     # channels inside its bottlenecks and 4x that at its output. Every stage after the first
@@ -95,11 +100,14 @@ class TextConfig:
     heads: int = 2
     mlp_dim: int = 256
     # cls: CLS appended after the tokens (CoCa); argmax: features at the highest token id,
-    # i.e. EOS of CLIP's tokenizer, after a final LayerNorm (CLIP, no decoder).
+    # i.e. EOS of CLIP's tokenizer, after a final LayerNorm (CLIP, no decoder); last: the
+    # last position after a final LayerNorm, every position seeing every other, padding
+    # included (SigLIP: its tokenizer pads with EOS; no decoder).
     pool: str = "cls"
     # pad_keys: padding is never a key; open_clip: key j is hidden when token j-1 is padding
     # (its CoCa's off-by-one mask, key 0 always visible).
     mask: str = "pad_keys"
+    proj_bias: bool = False  # True: the projection into the joint space has a bias (SigLIP).
     remat: str = ""
 
 
@@ -407,12 +415,18 @@ class ModelConfig:
         if v.pool == "class_token" and not v.class_token:
             raise ValueError("model.vision.pool='class_token' needs model.vision.class_token=True")
         # fusion='late' captions from the pooled vector, so class_token pooling serves it too.
-        no_caption_tokens = v.pool == "class_token" and self.caption_tokens_from_tower
-        if self.captioning and (no_caption_tokens or t.pool == "argmax"):
+        no_caption_tokens = v.pool in ("class_token", "map") and self.caption_tokens_from_tower
+        if self.captioning and (no_caption_tokens or t.pool != "cls"):
             raise ValueError(
                 "model.captioning=True needs caption tokens and a CLS text pool: set "
                 "model.vision.pool to two_poolers/shared_queries (or "
                 "model.decoder.fusion='late') and model.text.pool='cls'"
+            )
+        pooled_width = (v.pool_width or v.width) if v.pool == "shared_queries" else v.width
+        if not v.proj and self.embed_dim != pooled_width:
+            raise ValueError(
+                f"model.vision.proj=False makes the pooled vector the image embedding, so "
+                f"model.embed_dim={self.embed_dim} must equal its width {pooled_width}"
             )
         if (v.pool_width or v.width) % (v.pool_heads or v.heads):
             raise ValueError(

@@ -51,7 +51,7 @@ def forward_flops_per_example(
     causal = 0.5 if causal_discount else 1.0
     flops = image_flops_per_example(cfg, with_captioning=with_captioning, training=training)
     flops += registry.TEXT_ENCODER_CLASSES[cfg.text.encoder].forward_flops(cfg, causal)
-    flops += 2 * (cfg.vision.width + cfg.text.width) * cfg.embed_dim
+    flops += 2 * (cfg.vision.width * int(cfg.vision.proj) + cfg.text.width) * cfg.embed_dim
     if with_captioning:
         decoder = registry.DECODERS[cfg.decoder.fusion]
         flops += decoder.forward_flops(cfg, _caption_tokens(cfg), causal)

@@ -51,6 +51,9 @@ class TextEncoder(nn.Module):
     In decode mode no CLS is appended and positions come from a cache counter.
     With model.text.pool='argmax' (CLIP) no CLS is appended either: every position
     is LayerNorm'd and the pooled vector is the one at the highest token id (EOS).
+    With model.text.pool='last' (SigLIP) attention is bidirectional and unmasked (the
+    tokenizer pads with EOS, which the model reads) and the pooled vector is the last
+    position's, after a final LayerNorm.
     """
 
     cfg: ModelConfig
@@ -61,6 +64,8 @@ class TextEncoder(nn.Module):
         """One caption: context_length positions (L-1 tokens + CLS); `causal` scales the keys
         a query sees (0.5 counts the causal half, 1.0 the full square)."""
         t, t_enc = cfg.text, cfg.context_length
+        if t.pool == "last":  # Bidirectional: every query sees every key.
+            causal = 1.0
         return t.layers * matmul_flops.block(t_enc, t.width, t.mlp_dim, t_enc * causal)
 
     @nn.compact
@@ -94,6 +99,9 @@ class TextEncoder(nn.Module):
         elif cfg.text.pool == "argmax":
             x = x + pos[:t][None]
             mask = AttentionMask(causal=True)
+        elif cfg.text.pool == "last":
+            x = x + pos[:t][None]
+            mask = None
         else:
             cls = self.param(
                 "cls",
@@ -121,6 +129,9 @@ class TextEncoder(nn.Module):
             x = LayerNorm(cfg, name="ln_final")(x)
             eos = jnp.argmax(tokens, axis=1)
             return jnp.take_along_axis(x, eos[:, None, None], axis=1)[:, 0], x
+        if cfg.text.pool == "last":
+            x = LayerNorm(cfg, name="ln_final")(x)
+            return x[:, -1], x
         cls_features = LayerNorm(cfg, name="ln_cls")(x[:, -1])
         return cls_features, x[:, :-1]
 

@@ -13,6 +13,7 @@ from mmjax.models.layers import (
     Dense,
     EncoderBlock,
     LayerNorm,
+    Mlp,
     Stack,
     constrain,
     partitioned,
@@ -64,11 +65,39 @@ class AttentionalPooler(nn.Module):
         return LayerNorm(cfg, name="ln_out")(pooled)
 
 
+class MapHead(nn.Module):
+    """Multihead attention pooling (SigLIP, big_vision's MAPHead): one learned probe attends
+    to the tokens, then a residual MLP on its LayerNorm'd output -> [B, W]."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens: Array) -> Array:
+        cfg = self.cfg
+        width = tokens.shape[-1]
+        probe = self.param(
+            "probe",
+            partitioned(nn.initializers.normal(width**-0.5), (None, "embed")),
+            (1, width),
+            cfg.weights_dtype,
+        ).astype(cfg.compute_dtype)
+        # Batch of 1: the attention projects the probe once, then broadcasts.
+        x = Attention(cfg, cfg.vision.pool_heads or cfg.vision.heads, cross=True, name="attn")(
+            probe[None], context=tokens
+        )
+        x = x + Mlp(cfg, cfg.vision.mlp_dim, name="mlp")(LayerNorm(cfg, name="ln")(x))
+        return x[:, 0]
+
+
 def pooler_flops(cfg: ModelConfig, tokens: int, with_captioning: bool) -> float:
     """The contrastive pooler, plus the caption pooler when a decoder reads its tokens
     (unused, XLA drops it)."""
     width, heads = cfg.vision.width, cfg.vision.pool_heads or cfg.vision.heads
+    if cfg.vision.pool == "class_token":
+        return 0.0
     flops = matmul_flops.cross(1, tokens, width, width, heads=heads, shared_queries=True)
+    if cfg.vision.pool == "map":
+        return flops + 2 * matmul_flops.dense(1, width, cfg.vision.mlp_dim)
     if with_captioning and cfg.caption_tokens_from_tower:
         queries = cfg.vision.caption_queries
         flops += matmul_flops.cross(queries, tokens, width, width, heads=heads, shared_queries=True)
@@ -150,6 +179,8 @@ class ImageEncoder(nn.Module):
         )(x, None)
         if cfg.vision.pool == "class_token":
             return LayerNorm(cfg, name="ln_post")(x[:, 0]), None
+        if cfg.vision.pool == "map":
+            return MapHead(cfg, name="map_head")(LayerNorm(cfg, name="ln_post")(x)), None
         late = not cfg.caption_tokens_from_tower  # The N caption queries would be unused.
         if cfg.vision.pool == "shared_queries":
             pooled = AttentionalPooler(

@@ -96,6 +96,10 @@ class ClipBpeTokenizer:
             )
         return cls(merges, name=str(path))
 
+    def piece_id(self, piece: str) -> int | None:
+        """The id of a vocabulary piece (as CLIP's vocab.json spells it), None if unknown."""
+        return self._ids.get(piece)
+
     @property
     def vocab_size(self) -> int:
         return len(self._pieces)

@@ -9,10 +9,16 @@ from typing import Any
 from mmjax import storage
 from mmjax.text.clip_bpe import ClipBpeTokenizer
 from mmjax.text.sentencepiece import Tokenizer
+from mmjax.text.siglip import SiglipTokenizer
 from mmjax.text.tokenizer import TextTokenizer
 
-# clip_bpe: the tokenizer of converted open_clip models (mmjax.interop.open_clip).
-TOKENIZERS = {"sentencepiece": Tokenizer.load, "clip_bpe": ClipBpeTokenizer.load}
+# clip_bpe: the tokenizer of converted open_clip models (mmjax.interop.open_clip); siglip:
+# that of converted SigLIP models (mmjax.interop.hf_siglip, big_vision).
+TOKENIZERS = {
+    "sentencepiece": Tokenizer.load,
+    "clip_bpe": ClipBpeTokenizer.load,
+    "siglip": SiglipTokenizer.load,
+}
 TOKENIZER_TYPES = tuple(TOKENIZERS)
 
 

@@ -1,7 +1,9 @@
 """What every tokenizer shares: the id layout, the fixed-length caption row, the interface.
 
-Every tokenizer mmjax reads pads with id 0 (the models hide id-0 keys and the caption loss skips
-id-0 targets), starts a caption with its BOS id and ends it with its EOS id.
+Every tokenizer mmjax trains or reads for captioning models pads with id 0 (the models hide
+id-0 keys and the caption loss skips id-0 targets), starts a caption with its BOS id and ends it
+with its EOS id. SigLIP's layout (mmjax.text.siglip) is the exception: no BOS, padded with EOS,
+for its contrastive-only models, whose text tower reads every position.
 """
 
 from __future__ import annotations
