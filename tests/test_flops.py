@@ -157,8 +157,17 @@ def test_causal_discount_halves_only_the_text_attention():
         ],
         ["model.input_kind=video", "model.video.frames=3"],
         ["model.input_kind=video", "model.video.frames=2", "model.decoder.fusion=early"],
+        [  # SigLIP: attention-pooling head, bidirectional text pooled last, no image projection.
+            "model.vision.pool=map",
+            "model.vision.proj=False",
+            "model.text.pool=last",
+            "model.text.proj_bias=True",
+            "model.captioning=False",
+            "loss.caption_weight=0.0",
+            "loss.contrastive=sigmoid",
+        ],
     ],
-    ids=["resnet_small_stem", "resnet_imagenet_stem", "video", "video_early"],
+    ids=["resnet_small_stem", "resnet_imagenet_stem", "video", "video_early", "siglip"],
 )
 def test_analytic_count_matches_xla_for_other_image_towers(tower):
     """The ResNet's convolutions (both stems, projection shortcuts, strides) and the video

@@ -1,7 +1,9 @@
 """Hugging Face CLIPModel directories: `mmjax convert hf` gives transformers' embeddings,
 `mmjax export hf` gives back transformers' own model, both from relative paths."""
 
+import gzip
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,7 @@ import pytest
 from mmjax.interop.export import read_run
 from mmjax.models.coca import CoCa
 from tests.runs import mmjax_cli
-from tests.test_open_clip_parity import TOL, max_err, torch  # noqa: F401 (skips without torch)
+from tests.test_open_clip_parity import TOL, max_err, open_clip, torch  # noqa: F401 (skips)
 
 transformers = pytest.importorskip("transformers")
 
@@ -98,3 +100,37 @@ def test_what_mmjax_cannot_represent_is_refused_in_one_line(tmp_path):
     ]
     proc = mmjax_cli(tmp_path, "convert", "hf", "--model-dir", "nowhere", "--out", "x")
     assert proc.stderr.strip().splitlines() == ["error: --model-dir nowhere: no config.json"]
+
+
+def test_a_model_directorys_tokenizer_files_are_its_tokenizer(tmp_path):
+    """merges.txt + vocab.json as transformers saves them (CLIP's BPE) become the workdir's
+    tokenizer, copied into it; a vocab.json that disagrees with the merges is refused."""
+    from mmjax.interop.open_clip import default_bpe_vocab
+    from mmjax.text.registry import load_tokenizer
+
+    merges = gzip.decompress(default_bpe_vocab().read_bytes()).decode().split("\n")[1 : 48894 + 1]
+    # open_clip's own names for the special tokens -> CLIP's (transformers' vocab.json).
+    special = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {special.get(k, k): v for k, v in open_clip.tokenizer.SimpleTokenizer().encoder.items()}
+    _hf_model().save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (tmp_path / "hf" / "vocab.json").write_text(json.dumps(vocab))
+    proc = mmjax_cli(tmp_path, "convert", "hf", "--model-dir", "hf", "--out", "imported")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    config = json.loads((tmp_path / "imported" / "config.json").read_text())
+    assert Path(config["data"]["tokenizer"]) == (tmp_path / "imported" / "merges.txt").resolve()
+    ours = load_tokenizer(config["data"]["tokenizer"], config["data"]["tokenizer_type"])
+    theirs = transformers.CLIPTokenizer(str(tmp_path / "hf" / "vocab.json"),
+                                        str(tmp_path / "hf" / "merges.txt"))  # fmt: skip
+    for text in ["a photo of a cat", "two dogs running on grass", "naïve café"]:
+        want = theirs(text)["input_ids"]
+        assert ours.encode(text, 16)[0][: len(want)].tolist() == want, text
+
+    vocab["a</w>"] += 1
+    (tmp_path / "hf" / "vocab.json").write_text(json.dumps(vocab))
+    proc = mmjax_cli(tmp_path, "convert", "hf", "--model-dir", "hf", "--out", "again")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: hf/vocab.json disagrees with merges.txt on 1 pieces (first: 'a</w>'); not "
+        "CLIP's byte-level BPE"
+    ]

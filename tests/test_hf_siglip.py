@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import sentencepiece as spm
+from PIL import Image
 
 from mmjax.interop.export import read_run
 from mmjax.models.coca import CoCa
@@ -63,7 +64,8 @@ def _perturb(model, seed=0):
 
 
 def _features(model, pixels, ids):
-    x = torch.from_numpy(((pixels - 0.5) / 0.5).transpose(0, 3, 1, 2).copy())
+    x = pixels.astype(np.float32) / 255.0
+    x = torch.from_numpy(((x - 0.5) / 0.5).transpose(0, 3, 1, 2).copy())
     with torch.no_grad():
         image = model.get_image_features(pixel_values=x)
         text = model.get_text_features(input_ids=torch.from_numpy(ids.astype(np.int64)))
@@ -81,7 +83,7 @@ def _mmjax_features(workdir, pixels, ids):
 
 def _pixels(seed=0):
     shape = (len(CAPTIONS), SIZE, SIZE, 3)
-    return np.random.default_rng(seed).random(shape, dtype=np.float32)
+    return np.random.default_rng(seed).integers(0, 256, shape, np.uint8)
 
 
 def test_siglip_tokenizer_matches_transformers(tmp_path):
@@ -116,6 +118,19 @@ def test_hf_siglip_in_and_out(tmp_path):
     assert max_err(image, want_image) <= TOL and max_err(text, want_text) <= TOL
     assert abs(float(out["scale"]) - float(model.logit_scale.detach().exp())) <= 1e-5
     assert abs(float(out["bias"]) - float(model.logit_bias)) <= 1e-6
+
+    # `mmjax embed` tokenizes with the workdir's SigLIP tokenizer: the same numbers.
+    (tmp_path / "imgs").mkdir()
+    for i, image in enumerate(pixels):
+        Image.fromarray(image).save(tmp_path / "imgs" / f"{i}.png")
+    (tmp_path / "texts.txt").write_text("\n".join(CAPTIONS) + "\n")
+    proc = mmjax_cli(tmp_path, "embed", "--workdir", "imported", "--images", "imgs",
+                     "--texts", "texts.txt", "--out", "emb.npz")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = np.load(tmp_path / "emb.npz")
+    assert max_err(got["image_emb"], want_image) <= TOL
+    assert max_err(got["text_emb"], want_text) <= TOL
+    assert abs(float(got["logit_bias"]) - float(model.logit_bias)) <= 1e-6
 
     proc = mmjax_cli(tmp_path, "export", "hf", "--workdir", "imported", "--out", "exported")
     assert proc.returncode == 0, proc.stderr[-2000:]

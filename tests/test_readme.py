@@ -148,11 +148,36 @@ def write_hf_clip(tree: Path) -> None:
     _hf_model(seed=3).save_pretrained(tree / "my_clip_hf")
 
 
+def write_hf_siglip(tree: Path) -> None:
+    """A small random transformers SiglipModel folder with its spiece.model."""
+    import transformers
+
+    from tests.test_hf_siglip import _config, _perturb, _spiece
+
+    _perturb(transformers.SiglipModel(_config()), seed=3).save_pretrained(tree / "my_siglip_hf")
+    _spiece(tree / "my_siglip_hf" / "spiece.model")
+
+
+def write_big_vision_siglip(tree: Path) -> None:
+    """Random big_vision SigLIP weights with a Ti/16 image tower, and a SentencePiece model."""
+    from tests.test_hf_siglip import _big_vision_params, _config, _spiece
+
+    cfg = _config(
+        vision=dict(hidden_size=192, intermediate_size=768, num_attention_heads=3,
+                    num_hidden_layers=12, patch_size=16),
+        text=dict(hidden_size=192, intermediate_size=384, num_attention_heads=3),
+    )  # fmt: skip
+    np.savez(tree / "my_siglip.npz", **_big_vision_params(cfg))
+    _spiece(tree / "my_siglip_spm.model")
+
+
 # A path a command reads that a user brings -> what writes it.
 FIXTURES = {
     "photos/": write_photos,
     "my_coca.safetensors": write_open_clip_weights,
     "my_clip_hf": write_hf_clip,
+    "my_siglip_hf": write_hf_siglip,
+    "my_siglip.npz": write_big_vision_siglip,
 }
 
 
