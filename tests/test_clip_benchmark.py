@@ -1,10 +1,12 @@
 """`mmjax evaluate --format clip_benchmark` equals CLIP_benchmark's own numbers.
 
 A converted open_clip CLIP is fine-tuned briefly on the built-in corpus, evaluated by mmjax
-on a generated labelled dataset (zero-shot colour classification with prompt templates, and
-image-text retrieval), then exported to open_clip and evaluated by the `clip-benchmark`
-package's own zero-shot classification and retrieval functions on the same files, class
-names and templates. The two agree to 1e-3.
+on generated datasets (zero-shot colour classification with prompt templates and image-text
+retrieval from a CSV; retrieval with five captions per image from a Karpathy split file in
+Flickr30k's layout; zero-shot classification of ImageNet-style class folders with the shipped
+80 OpenAI ImageNet templates), then exported to open_clip and evaluated by the
+`clip-benchmark` package's own zero-shot classification and retrieval functions on the same
+files, class names and templates. The two agree to 1e-3.
 """
 
 import json
@@ -39,6 +41,52 @@ def _dataset(folder, size, count=96):
     lines = ["filepath,caption,colour"] + [",".join(row) for row in rows]
     (folder / "data.csv").write_text("\n".join(lines) + "\n")
     return rows
+
+
+CAPTION_FORMS = ("{}", "an image: {}", "there is {}", "look, {}", "{} here")
+
+
+def _standard_sets(folder, size, classes, count=48):
+    """The same kind of images as a Karpathy split file (Flickr30k layout, five captions per
+    image, all in the test split) and as ImageNet-style class folders (n000, n001, ... in the
+    order of `classes`). Images with a caption seen before are left out, so no two images share
+    a caption (CLIP_benchmark breaks ties by position, mmjax by expectation)."""
+    source = ShapesSource("eval", 400, 5, size)
+    flickr, imagenet = folder / "flickr", folder / "imagenet"
+    (flickr / "flickr30k-images").mkdir(parents=True)
+    for i in range(len(classes)):
+        (imagenet / f"n{i:03d}").mkdir(parents=True)
+    seen, entries, pairs, labelled = set(), [], [], []
+    for i in range(len(source)):
+        example = source[i]
+        if example["caption"] in seen:
+            continue
+        seen.add(example["caption"])
+        captions = [form.format(example["caption"]) for form in CAPTION_FORMS]
+        Image.fromarray(example["image"]).save(flickr / "flickr30k-images" / f"{i}.png")
+        entries.append({"split": "test", "filename": f"{i}.png",
+                        "sentences": [{"raw": c} for c in captions]})  # fmt: skip
+        pairs.append((f"flickr/flickr30k-images/{i}.png", captions))
+        label = classes.index(source.attributes(i)["colour"])
+        path = f"imagenet/n{label:03d}/{i}.png"
+        Image.fromarray(example["image"]).save(folder / path)
+        labelled.append((path, label))
+        if len(pairs) == count:
+            break
+    (flickr / "dataset_flickr30k.json").write_text(json.dumps({"images": entries}))
+    return pairs, sorted(labelled)
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, folder, rows, transform):
+        self.folder, self.rows, self.transform = folder, rows, transform
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        path, target = self.rows[i]
+        return self.transform(Image.open(self.folder / path)), target
 
 
 def _accuracy(output, target, topk=(1,)):
@@ -82,6 +130,8 @@ def test_mmjax_numbers_equal_clip_benchmarks(tmp_path, monkeypatch):
          "--config.optimizer.warmup_steps=5", "--config.optimizer.learning_rate=0.001",
          "--config.data.eval_examples=32", "--config.eval.batch_size=32")  # fmt: skip
     rows = _dataset(tmp_path / "labelled", 32)
+    classes, templates = read_classes(CLASSES), read_templates(TEMPLATES)
+    pairs, labelled = _standard_sets(tmp_path / "standard", 32, classes)
 
     evals = {
         "colours": dict(
@@ -92,17 +142,25 @@ def test_mmjax_numbers_equal_clip_benchmarks(tmp_path, monkeypatch):
             templates=str(TEMPLATES),
         ),  # fmt: skip
         "pairs": dict(type="retrieval", data="csv:labelled/data.csv"),
+        "flickr": dict(type="retrieval", data="karpathy:standard/flickr/dataset_flickr30k.json"),
+        "imagenet": dict(
+            type="zeroshot",
+            data="folders:standard/imagenet",
+            label="index",
+            classes=str(CLASSES),
+            templates="configs/zeroshot/imagenet_openai_templates.txt",
+        ),
     }
     added = [f"--config.evals.{k}={v!r}" for k, v in evals.items()]
     _run(tmp_path, "evaluate", "--workdir", "ft", "--format", "clip_benchmark",
-         "--only", "colours,pairs", *added)  # fmt: skip
+         "--only", ",".join(evals), *added)  # fmt: skip
     ours = {
         name: json.loads((tmp_path / "ft" / "eval" / "clip_benchmark" / f"{name}.json").read_text())
         for name in evals
     }
     assert ours["colours"]["task"] == "zeroshot_classification"
     assert ours["colours"]["dataset"] == "csv:labelled/data.csv"
-    assert ours["pairs"]["task"] == "zeroshot_retrieval"
+    assert ours["pairs"]["task"] == ours["flickr"]["task"] == "zeroshot_retrieval"
     assert set(ours["colours"]) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
 
     _run(tmp_path, "export", "open_clip", "--workdir", "ft", "--out", "exported")
@@ -111,7 +169,6 @@ def test_mmjax_numbers_equal_clip_benchmarks(tmp_path, monkeypatch):
     )
     model.eval()
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=20)
-    classes, templates = read_classes(CLASSES), read_templates(TEMPLATES)
     folder = tmp_path / "labelled"
     loader = torch.utils.data.DataLoader(
         _Files(folder, rows, preprocess, classes, texts=False), batch_size=32
@@ -132,6 +189,29 @@ def test_mmjax_numbers_equal_clip_benchmarks(tmp_path, monkeypatch):
     assert set(mine) == set(theirs), (sorted(mine), sorted(theirs))
     for key, value in theirs.items():
         assert mine[key] == pytest.approx(value, abs=1e-3), (key, mine, theirs)
+
+    standard = tmp_path / "standard"
+    flickr = torch.utils.data.DataLoader(
+        _Rows(standard, pairs, preprocess), batch_size=16,
+        collate_fn=lambda batch: (torch.stack([b[0] for b in batch]), [b[1] for b in batch]),
+    )  # fmt: skip
+    theirs_flickr = retrieval.evaluate(model, flickr, tokenizer, "cpu", amp=False,
+                                       recall_k_list=[1, 5, 10])  # fmt: skip
+    imagenet_templates = read_templates(ROOT / "configs/zeroshot/imagenet_openai_templates.txt")
+    theirs_imagenet = classification.evaluate(
+        model,
+        torch.utils.data.DataLoader(_Rows(standard, labelled, preprocess), batch_size=16),
+        tokenizer, classes, [t.replace("{}", "{c}") for t in imagenet_templates], "cpu",
+        amp=False,
+    )  # fmt: skip
+    for name, want in (("flickr", theirs_flickr), ("imagenet", theirs_imagenet)):
+        got = ours[name]["metrics"]
+        assert set(got) == set(want), (name, sorted(got), sorted(want))
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, abs=1e-3), (name, key, got, want)
+    # Not degenerate comparisons.
+    assert 0 < theirs_flickr["text_retrieval_recall@1"] < 1
+    assert theirs_imagenet["acc1"] > 2 / len(classes), theirs_imagenet
     # Not a degenerate comparison: the fine-tuned model is far from chance on colours.
     assert theirs["acc1"] > 2 / len(classes), theirs
     assert 0 < theirs["image_retrieval_recall@5"] < 1

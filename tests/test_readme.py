@@ -171,6 +171,46 @@ def write_big_vision_siglip(tree: Path) -> None:
     _spiece(tree / "my_siglip_spm.model")
 
 
+def _png(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, (40, 40, 3), np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def write_coco(tree: Path) -> None:
+    """COCO's layout: annotations/captions_val2017.json, images in val2017/."""
+    images, notes = [], []
+    for i in range(4):
+        name = f"{i:012d}.jpg"
+        _png(tree / "coco" / "val2017" / name, i)
+        images.append({"id": i, "file_name": name})
+        notes += [{"image_id": i, "id": 5 * i + c, "caption": f"a small red circle {c}"}
+                  for c in range(5)]  # fmt: skip
+    (tree / "coco" / "annotations").mkdir(parents=True)
+    captions = {"images": images, "annotations": notes}
+    (tree / "coco" / "annotations" / "captions_val2017.json").write_text(json.dumps(captions))
+
+
+def write_flickr30k(tree: Path) -> None:
+    """Karpathy's dataset_flickr30k.json beside flickr30k-images/."""
+    entries = []
+    for i in range(6):
+        _png(tree / "flickr30k" / "flickr30k-images" / f"{i}.jpg", 10 + i)
+        sentences = [{"raw": f"a large blue square {c}"} for c in range(5)]
+        split = "test" if i < 4 else "train"
+        entries.append({"split": split, "filename": f"{i}.jpg", "sentences": sentences})
+    (tree / "flickr30k" / "dataset_flickr30k.json").write_text(json.dumps({"images": entries}))
+
+
+def write_imagenet(tree: Path) -> None:
+    """ImageNet's validation layout: 1000 class folders (sorted like the class-name list),
+    one image in each of the first few."""
+    for i in range(1000):
+        (tree / "imagenet" / "val" / f"n{i:08d}").mkdir(parents=True)
+    for i in range(0, 1000, 125):
+        _png(tree / "imagenet" / "val" / f"n{i:08d}" / "ILSVRC2012_val.JPEG", 20 + i)
+
+
 # A path a command reads that a user brings -> what writes it.
 FIXTURES = {
     "photos/": write_photos,
@@ -178,6 +218,9 @@ FIXTURES = {
     "my_clip_hf": write_hf_clip,
     "my_siglip_hf": write_hf_siglip,
     "my_siglip.npz": write_big_vision_siglip,
+    "coco/annotations": write_coco,
+    "flickr30k/": write_flickr30k,
+    "imagenet/val": write_imagenet,
 }
 
 

@@ -9,6 +9,13 @@ A spec is `KIND` or `KIND:PATH`:
                               WebDataset tar shards (mmjax.data.wds_source)
   arrayrecord:/data/ar/*.array_record
                               ArrayRecord shards (mmjax.data.arrayrecord_source)
+  coco:/data/coco/annotations/captions_val2017.json
+                              COCO captions, five per image (mmjax.data.caption_files)
+  karpathy:/data/coco/dataset_coco.json
+                              a Karpathy split file, COCO or Flickr30k (the eval split
+                              reads `test`; mmjax.data.caption_files)
+  folders:/data/imagenet/val  class sub-folders of images, ImageNet-style
+                              (mmjax.data.class_folders)
 
 A mixture is a list of (spec, weight) pairs; a bare spec is a mixture of one.
 
@@ -30,7 +37,16 @@ import ml_collections
 from mmjax import storage
 from mmjax.data.records import BadSample, Source
 
-SOURCE_KINDS = ("shapes", "shapes_video", "csv", "wds", "arrayrecord")
+SOURCE_KINDS = (
+    "shapes",
+    "shapes_video",
+    "csv",
+    "wds",
+    "arrayrecord",
+    "coco",
+    "karpathy",
+    "folders",
+)
 _NO_PATH_KINDS = ("shapes", "shapes_video")
 # Kinds whose records can be clips (model.input_kind='video').
 CLIP_KINDS = ("shapes_video", "csv")
@@ -44,7 +60,8 @@ def parse_spec(spec: str) -> tuple[str, str]:
     if kind not in SOURCE_KINDS:
         raise ValueError(
             f"source spec {spec!r}: unknown kind {kind!r}; allowed kinds: {list(SOURCE_KINDS)} "
-            "(specs: shapes, shapes_video, csv:PATH, wds:PATTERN, arrayrecord:GLOB)"
+            "(specs: shapes, shapes_video, csv:PATH, wds:PATTERN, arrayrecord:GLOB, "
+            "coco:CAPTIONS.json, karpathy:DATASET.json, folders:ROOT)"
         )
     if kind in _NO_PATH_KINDS:
         if colon:
@@ -174,6 +191,18 @@ def make_source(
             caption_key=data.get("caption_key", "caption"),
             frames=frames or 0,
         )
+    if kind == "coco":
+        from mmjax.data.caption_files import CocoCaptionsSource
+
+        return CocoCaptionsSource(path)
+    if kind == "karpathy":
+        from mmjax.data.caption_files import KarpathySource
+
+        return KarpathySource(path, "train" if split == "train" else "eval")
+    if kind == "folders":
+        from mmjax.data.class_folders import ClassFolderSource
+
+        return ClassFolderSource(path)
     if kind == "wds":
         from mmjax.data.wds_source import WebDatasetSource
 

@@ -19,7 +19,7 @@ from mmjax.data.preprocess import decode_caption
 from mmjax.data.records import BadSample
 from mmjax.data.stats import DataStats
 from mmjax.evals.base import NamedEvaluator
-from mmjax.evals.context import Subset
+from mmjax.evals.context import Subset, reference_groups
 from mmjax.evals.metrics.coco_captions import caption_scores
 from mmjax.inference.generate import GenerateOptions, generated_positions
 from mmjax.runtime import sharding as shd
@@ -28,22 +28,6 @@ from mmjax.runtime.config import ConfigError
 
 def _normalise(text: str) -> str:
     return " ".join(text.split()).lower()
-
-
-def reference_groups(source) -> tuple[list[int], list[list[int]]]:
-    """(one source index per distinct image, the indices of each image's captions).
-
-    Sources that know their images' paths (CSV) group rows by path; elsewhere every
-    example is its own image with one reference.
-    """
-    if not hasattr(source, "image_path"):
-        indices = list(range(len(source)))
-        return indices, [[i] for i in indices]
-    groups: dict[str, list[int]] = {}
-    for i in range(len(source)):
-        groups.setdefault(source.image_path(i), []).append(i)
-    members = list(groups.values())
-    return [m[0] for m in members], members
 
 
 class CaptioningEval(NamedEvaluator):

@@ -25,10 +25,15 @@ def resolve_file(path: str, where: str) -> Path:
     raise ConfigError(f"{where}: file {path!r} not found")
 
 
-def label_ids(names: list[str], classes: list[str]) -> tuple[np.ndarray, int]:
-    """Class ids of `names` (-1 where the name is not a class) and how many were unknown."""
-    lookup = {name: i for i, name in enumerate(classes)}
-    ids = np.array([lookup.get(name, -1) for name in names], np.int64)
+def label_ids(names: list, classes: list[str], by_position: bool = False) -> tuple[np.ndarray, int]:
+    """Class ids of `names` (-1 where the name is not a class) and how many were unknown.
+    `by_position`: the labels are already class numbers (class folders), checked in range."""
+    if by_position:
+        ids = np.array(names, np.int64).reshape(-1)
+        ids[(ids < 0) | (ids >= len(classes))] = -1
+    else:
+        lookup = {name: i for i, name in enumerate(classes)}
+        ids = np.array([lookup.get(name, -1) for name in names], np.int64)
     return ids, int(np.sum(ids < 0))
 
 

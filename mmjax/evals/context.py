@@ -61,6 +61,22 @@ def limited(source, examples: int):
     return source
 
 
+def reference_groups(source) -> tuple[list[int], list[list[int]]]:
+    """(one source index per distinct image, the indices of each image's captions).
+
+    Sources that know their images' paths (CSV, COCO, Karpathy) group rows by path;
+    elsewhere every example is its own image with one caption.
+    """
+    if not hasattr(source, "image_path"):
+        indices = list(range(len(source)))
+        return indices, [[i] for i in indices]
+    groups: dict[str, list[int]] = {}
+    for i in range(len(source)):
+        groups.setdefault(source.image_path(i), []).append(i)
+    members = list(groups.values())
+    return [m[0] for m in members], members
+
+
 class EvalContext:
     """Model, mesh, rules, tokenizer and the jitted eval functions, built once per run."""
 

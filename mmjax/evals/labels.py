@@ -3,6 +3,8 @@
   shapes   label = one of the corpus attributes: shape | colour | size | position
   shapes_video  label = colour | shape | motion
   csv:...  label = a column of the CSV (e.g. `label`), read once
+  folders:...  label = index (the class folder's position in sorted order, an int: the
+           classes file is then read by position) | folder (the folder's name)
 Other source kinds carry no labels: asking for them is a ConfigError.
 """
 
@@ -13,6 +15,7 @@ import io
 from collections.abc import Callable
 
 from mmjax import storage
+from mmjax.data.class_folders import ClassFolderSource
 from mmjax.data.csv_source import CsvSource
 from mmjax.data.shapes import ShapesSource
 from mmjax.data.shapes_video import LABELS as VIDEO_LABELS
@@ -21,6 +24,7 @@ from mmjax.evals.context import Subset
 from mmjax.runtime.config import ConfigError
 
 SHAPES_LABELS = ("shape", "colour", "size", "position")
+FOLDER_LABELS = ("index", "folder")
 
 
 def _csv_column(path, key: str) -> list[str]:
@@ -34,8 +38,9 @@ def _csv_column(path, key: str) -> list[str]:
     return [row[column] if column < len(row) else "" for row in rows]
 
 
-def label_reader(source, key: str, where: str) -> Callable[[int], str]:
-    """index -> class name for `source` (a Subset maps to its parent's index)."""
+def label_reader(source, key: str, where: str) -> Callable[[int], str | int]:
+    """index -> class name for `source` (a Subset maps to its parent's index); a class
+    number for a class-folder source's label 'index'."""
     if isinstance(source, Subset):
         parent = label_reader(source.source, key, where)
         return lambda i: parent(source.parent_index(i))
@@ -54,7 +59,15 @@ def label_reader(source, key: str, where: str) -> Callable[[int], str]:
     if isinstance(source, CsvSource):
         values = _csv_column(source.path, key)
         return lambda i: values[i]
+    if isinstance(source, ClassFolderSource):
+        if key not in FOLDER_LABELS:
+            raise ConfigError(
+                f"{where}: class folders have labels {list(FOLDER_LABELS)}, not {key!r}"
+            )
+        if key == "index":
+            return source.label_index
+        return source.caption
     raise ConfigError(
-        f"{where}: source {source.name} has no class labels (use the shapes corpus or a CSV "
-        "with a label column)"
+        f"{where}: source {source.name} has no class labels (use the shapes corpus, a CSV "
+        "with a label column or class folders)"
     )

@@ -26,12 +26,13 @@ def _lines(path: str | os.PathLike) -> list[tuple[int, str]]:
     return [(i, text) for i, text in numbered if text and not text.startswith("#")]
 
 
-def read_classes(path: str | os.PathLike) -> list[str]:
-    """Class names, one per line; a repeated name raises ValueError naming both lines."""
+def read_classes(path: str | os.PathLike, allow_repeats: bool = False) -> list[str]:
+    """Class names, one per line; a repeated name raises ValueError naming both lines, unless
+    `allow_repeats` (classes read by position: ImageNet's list names two classes 'missile')."""
     names: list[str] = []
     first_line: dict[str, int] = {}
     for number, name in _lines(path):
-        if name in first_line:
+        if name in first_line and not allow_repeats:
             raise ValueError(f"{path}:{number}: class {name!r} repeats line {first_line[name]}")
         first_line[name] = number
         names.append(name)

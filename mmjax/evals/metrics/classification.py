@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 from mmjax import storage  # noqa: E402
 
 _ANNOTATE_MAX_CLASSES = 30  # Beyond this the counts would not be readable.
+_NAMED_MAX_CLASSES = 100  # Class names on the axes up to this many classes (ImageNet: none).
 
 
 def classification_metrics(
@@ -127,8 +128,9 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: 
     fig.colorbar(image, ax=ax, shrink=0.8)
     ticks = np.arange(num_classes)
     font = 8 if num_classes <= _ANNOTATE_MAX_CLASSES else 5
-    ax.set_xticks(ticks, [str(n) for n in class_names], rotation=90, fontsize=font)
-    ax.set_yticks(ticks, [str(n) for n in class_names], fontsize=font)
+    if num_classes <= _NAMED_MAX_CLASSES:  # Beyond, names overlap: class numbers on the axes.
+        ax.set_xticks(ticks, [str(n) for n in class_names], rotation=90, fontsize=font)
+        ax.set_yticks(ticks, [str(n) for n in class_names], fontsize=font)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     if num_classes <= _ANNOTATE_MAX_CLASSES:

@@ -131,6 +131,52 @@ def retrieval_metrics(
     return metrics
 
 
+def grouped_retrieval_metrics(
+    image_emb: np.ndarray, text_emb: np.ndarray, text_image: np.ndarray, *, chunk_size: int = 512
+) -> dict[str, float]:
+    """Retrieval with several captions per image (COCO, Flickr30k: five), the CLIP paper's
+    rule: an image query hits when any of its captions is in the top K (i2t), a caption query
+    when its image is (t2i). Ranks are those of the first hit; ties as in retrieval_metrics.
+
+    `image_emb` [I, D] one row per image, `text_emb` [T, D], `text_image` [T]: the image row
+    of each caption; every image needs at least one caption.
+    """
+    image = np.asarray(image_emb, np.float32)
+    text = np.asarray(text_emb, np.float32)
+    owner = np.asarray(text_image, np.int64)
+    if image.ndim != 2 or text.ndim != 2 or image.shape[1] != text.shape[1]:
+        raise ValueError(f"retrieval embeddings of shapes {image.shape} and {text.shape}")
+    if owner.shape != (text.shape[0],) or owner.min(initial=0) < 0 or (
+        owner.max(initial=-1) >= image.shape[0]
+    ):
+        raise ValueError("text_image must give each caption's image row in [0, images)")
+    if image.shape[0] == 0 or len(np.unique(owner)) != image.shape[0]:
+        raise ValueError("every image needs at least one caption")
+    if not (np.all(np.isfinite(image)) and np.all(np.isfinite(text))):
+        raise ValueError("retrieval embeddings contain NaN or inf")
+    metrics = {}
+    for name, queries, targets in (("i2t", image, text), ("t2i", text, image)):
+        num = queries.shape[0]
+        rank = np.empty(num, np.float64)
+        hits = {k: np.empty(num, np.float64) for k in RECALL_AT}
+        for start in range(0, num, chunk_size):
+            stop = min(start + chunk_size, num)
+            scores = queries[start:stop] @ targets.T
+            rows = np.arange(start, stop)
+            if name == "i2t":
+                positive = owner[None, :] == rows[:, None]
+            else:
+                positive = np.arange(targets.shape[0])[None, :] == owner[rows, None]
+            above, tied_neg, tied_pos = _first_hit_counts(scores, positive)
+            rank[start:stop] = 1.0 + above + tied_neg / (tied_pos + 1.0)
+            for k in RECALL_AT:
+                hits[k][start:stop] = _expected_hit_at(k, above, tied_neg, tied_pos)
+        metrics[f"{name}_mean_rank"] = float(np.mean(rank))
+        metrics[f"{name}_median_rank"] = float(np.median(rank))
+        metrics.update({f"{name}_r{k}": float(np.mean(hits[k])) for k in RECALL_AT})
+    return metrics
+
+
 def _normalise_caption(text: str) -> str:
     return " ".join(text.split()).lower()
 
