@@ -78,8 +78,9 @@ def _standard_sets(folder, size, classes, count=48):
 
 
 class _Rows(torch.utils.data.Dataset):
-    def __init__(self, folder, rows, transform):
+    def __init__(self, folder, rows, transform, classes=()):
         self.folder, self.rows, self.transform = folder, rows, transform
+        self.classes = list(classes)  # CLIP_benchmark reads dataset.classes.
 
     def __len__(self):
         return len(self.rows)
@@ -131,7 +132,7 @@ def test_mmjax_numbers_equal_clip_benchmarks(tmp_path, monkeypatch):
          "--config.data.eval_examples=32", "--config.eval.batch_size=32")  # fmt: skip
     rows = _dataset(tmp_path / "labelled", 32)
     classes, templates = read_classes(CLASSES), read_templates(TEMPLATES)
-    pairs, labelled = _standard_sets(tmp_path / "standard", 32, classes)
+    captioned, labelled = _standard_sets(tmp_path / "standard", 32, classes)
 
     evals = {
         "colours": dict(
@@ -192,7 +193,7 @@ def test_mmjax_numbers_equal_clip_benchmarks(tmp_path, monkeypatch):
 
     standard = tmp_path / "standard"
     flickr = torch.utils.data.DataLoader(
-        _Rows(standard, pairs, preprocess), batch_size=16,
+        _Rows(standard, captioned, preprocess), batch_size=16,
         collate_fn=lambda batch: (torch.stack([b[0] for b in batch]), [b[1] for b in batch]),
     )  # fmt: skip
     theirs_flickr = retrieval.evaluate(model, flickr, tokenizer, "cpu", amp=False,
@@ -200,7 +201,7 @@ def test_mmjax_numbers_equal_clip_benchmarks(tmp_path, monkeypatch):
     imagenet_templates = read_templates(ROOT / "configs/zeroshot/imagenet_openai_templates.txt")
     theirs_imagenet = classification.evaluate(
         model,
-        torch.utils.data.DataLoader(_Rows(standard, labelled, preprocess), batch_size=16),
+        torch.utils.data.DataLoader(_Rows(standard, labelled, preprocess, classes), batch_size=16),
         tokenizer, classes, [t.replace("{}", "{c}") for t in imagenet_templates], "cpu",
         amp=False,
     )  # fmt: skip
