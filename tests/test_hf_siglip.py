@@ -17,7 +17,7 @@ from PIL import Image
 from mmjax.interop.export import read_run
 from mmjax.models.coca import CoCa
 from mmjax.text.siglip import SiglipTokenizer
-from tests.runs import mmjax_cli
+from tests.runs import REPO, mmjax_cli
 from tests.test_open_clip_parity import TOL, max_err, torch  # noqa: F401 (skips without torch)
 
 transformers = pytest.importorskip("transformers")
@@ -96,6 +96,10 @@ def test_siglip_tokenizer_matches_transformers(tmp_path):
     assert ours.pad_id == ours.eos_id == 1 and rows[0, -1] == 1
     assert ours.encode(CAPTIONS[-1], LENGTH)[1]  # Cut, still ending with EOS.
     assert ours.decode(rows[0]) == "a photo of a cat"
+    proc = mmjax_cli(tmp_path, "tokenizer", "encode", "spiece.model", CAPTIONS[0],
+                     "--type", "siglip", "--context-length", str(LENGTH))  # fmt: skip
+    end = want[0].index(1) + 1  # Up to and with the EOS; the EOS padding after it is left out.
+    assert proc.stdout.split() == [str(i) for i in want[0][:end]], proc.stderr[-2000:]
 
 
 def test_hf_siglip_in_and_out(tmp_path):
@@ -264,3 +268,33 @@ def test_siglip_refusals_are_one_line(tmp_path):
         "error: SigLIP tokenizer hf2/spiece.model not found: pass --tokenizer PATH (its "
         "SentencePiece model)"
     ]
+
+
+@pytest.mark.slow
+def test_a_fine_tuned_siglip_exports_to_transformers(tmp_path):
+    """Converted, fine-tuned with the sigmoid loss (configs/siglip.py without its caption
+    loss), exported: transformers loads the changed weights and gives mmjax's embeddings."""
+    model = _perturb(transformers.SiglipModel(_config()).eval())
+    model.save_pretrained(tmp_path / "hf")
+    _spiece(tmp_path / "hf" / "spiece.model")
+    assert (
+        mmjax_cli(tmp_path, "convert", "hf", "--model-dir", "hf", "--out", "conv").returncode == 0
+    )
+    proc = mmjax_cli(
+        tmp_path, "train", "--config", f"{REPO}/configs/siglip.py:size=tiny", "--workdir", "ft",
+        "--config.init_from=conv", "--config.loss.caption_weight=0", "--config.total_steps=10",
+        "--config.batch_size=16", "--config.eval_every=1000", "--config.checkpoint_every=10",
+        "--config.data.eval_examples=32", "--config.eval.batch_size=16",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = mmjax_cli(tmp_path, "export", "hf", "--workdir", "ft", "--out", "exported")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    back = transformers.AutoModel.from_pretrained(tmp_path / "exported").eval()
+    before = model.state_dict()
+    changed = [n for n, t in back.state_dict().items() if not torch.equal(t, before[n])]
+    assert "text_model.head.bias" in changed and len(changed) > 40, changed
+    ids = SiglipTokenizer.load(tmp_path / "conv" / "spiece.model").encode_batch(CAPTIONS, LENGTH)
+    pixels = _pixels(1)
+    image, text, _ = _mmjax_features(tmp_path / "ft", pixels, ids)
+    want_image, want_text = _features(back, pixels, ids)
+    assert max_err(image, want_image) <= TOL and max_err(text, want_text) <= TOL

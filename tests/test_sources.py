@@ -595,7 +595,9 @@ def test_parse_spec():
             parse_spec(bad)
         assert "\n" not in str(error.value)
     with pytest.raises(
-        ValueError, match=r"\['shapes', 'shapes_video', 'csv', 'wds', 'arrayrecord'\]"
+        ValueError,
+        match=r"\['shapes', 'shapes_video', 'csv', 'wds', 'arrayrecord', 'coco', 'karpathy', "
+        r"'folders'\]",
     ):
         parse_spec("nope")
 
@@ -681,7 +683,8 @@ def test_convert_cli_bad_spec_exits_2_with_one_line(tmp_path, capsys):
     assert convert.main(["csv:x.csv", str(tmp_path / "out"), "--shards", "0"]) == 2
     assert convert.main([f"csv:{tmp_path}/missing.csv", str(tmp_path / "out")]) == 1
     assert "missing.csv" in capsys.readouterr().err
-    assert sources.SOURCE_KINDS == ("shapes", "shapes_video", "csv", "wds", "arrayrecord")
+    assert sources.SOURCE_KINDS == ("shapes", "shapes_video", "csv", "wds", "arrayrecord",
+                                    "coco", "karpathy", "folders")  # fmt: skip
 
 
 def test_csv_wds_and_arrayrecord_forms_give_identical_training_batches(tmp_path):

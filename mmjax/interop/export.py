@@ -104,12 +104,13 @@ def export_open_clip(workdir: str, out: str, step: int | None = None) -> dict[st
 
 def export_hf(workdir: str, out: str, step: int | None = None) -> dict[str, Any]:
     """Writes OUT/config.json, OUT/model.safetensors and OUT/preprocessor_config.json of a
-    transformers CLIPModel, or SiglipModel for a sigmoid run
-    (`transformers.AutoModel.from_pretrained(OUT)`)."""
+    transformers CLIPModel, or SiglipModel for a sigmoid run or SigLIP's attention-pooled
+    image tower (`transformers.AutoModel.from_pretrained(OUT)`)."""
     from mmjax.interop import hf_clip
 
     config = from_json_file(paths.run_dir(workdir) / "config.json")
-    if config.loss.get("contrastive") == "sigmoid":
+    pool = config.model.get("vision", {}).get("pool", "")
+    if config.loss.get("contrastive") == "sigmoid" or pool == "map":  # SigLIP's loss or head.
         return export_hf_siglip(workdir, out, step, config)
     cfg, found, params, oc = _exportable(workdir, step, "transformers' CLIPModel")
     if cfg.captioning:

@@ -55,7 +55,9 @@ def _encode(args) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(" ".join(str(int(i)) for i in ids if i != tokenizer.pad_id))
+    # The row up to its first EOS: padding follows it (SigLIP's layout pads with EOS itself).
+    end = list(ids).index(tokenizer.eos_id) + 1 if tokenizer.eos_id in ids else len(ids)
+    print(" ".join(str(int(i)) for i in ids[:end]))
     return 0
 
 
