@@ -132,7 +132,8 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
             "max_position_embeddings": cfg.context_length,
             "hidden_act": act,
             "layer_norm_eps": cfg.norm_eps,
-            "projection_size": cfg.embed_dim,
+            # SiglipModel's joint space is the image tower's width (no image projection).
+            "projection_size": v.width,
         },
         "vision_config": {
             "hidden_size": v.width,
@@ -167,6 +168,11 @@ def differences(cfg: ModelConfig) -> list[str]:
     back = back.replace({"init_logit_scale": cfg.init_logit_scale,
                          "init_logit_bias": cfg.init_logit_bias})  # fmt: skip
     found = config_differences(cfg, back)
+    if cfg.text.width != cfg.vision.width:  # Read as projection_size by newer transformers only.
+        found.append(
+            f"text.width: {cfg.text.width} -> {cfg.vision.width} (a SiglipModel text head keeps "
+            "its width where transformers does not read projection_size)"
+        )
     if not cfg.init_logit_bias:
         found.append("init_logit_bias: 0.0 (softmax loss) -> a learnt bias (sigmoid loss)")
     return found
