@@ -26,8 +26,8 @@ VERBS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
     "report": ("mmjax.tools.report", "plots and tables comparing runs"),
     "plot": ("mmjax.tools.plot", "a run's training curves as one PNG"),
     "dryrun": ("mmjax.tools.dryrun", "compile the step for a mesh, report memory and FLOPs"),
-    "convert": ("mmjax.interop.convert", "import open_clip or Hugging Face CLIP weights"),
-    "export": ("mmjax.interop.export", "export a run's weights for open_clip"),
+    "convert": ("mmjax.interop.convert", "import open_clip, Hugging Face or big_vision weights"),
+    "export": ("mmjax.interop.export", "export a run's weights for open_clip or Hugging Face"),
     "tokenizer": ("mmjax.tools.tokenizer", "train a tokenizer on a source, or encode a text"),
     "data": {
         "convert": ("mmjax.tools.data", "write a source as ArrayRecord shards"),
