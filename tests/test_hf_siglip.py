@@ -236,10 +236,14 @@ def test_big_vision_npz_imports_with_transformers_parity(tmp_path):
         proc = mmjax_cli(tmp_path, "convert", "big_vision", npz, "--variant", "Ti/8",
                          "--tokenizer", "c4.model", "--out", out)  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-2000:]
-        image, text, result = _mmjax_features(tmp_path / out, pixels, ids)
-        assert max_err(image, want_image) <= TOL and max_err(text, want_text) <= TOL, npz
-        assert abs(float(result["scale"]) - float(np.exp(2.3))) <= 1e-4
-        assert abs(float(result["bias"]) + 3.0) <= 1e-6
+    image, text, result = _mmjax_features(tmp_path / "siglip_w", pixels, ids)
+    assert max_err(image, want_image) <= TOL and max_err(text, want_text) <= TOL
+    assert abs(float(result["scale"]) - float(np.exp(2.3))) <= 1e-4
+    assert abs(float(result["bias"]) + 3.0) <= 1e-6
+    # The scanned layout gives the same parameters, hence the same embeddings.
+    _, _, unrolled = read_run(str(tmp_path / "siglip_w"))
+    _, _, scanned = read_run(str(tmp_path / "scanned_w"))
+    jax.tree.map(np.testing.assert_array_equal, unrolled, scanned)
 
     proc = mmjax_cli(tmp_path, "convert", "big_vision", "siglip.npz", "--variant", "S/8",
                      "--tokenizer", "c4.model", "--out", "wrong")  # fmt: skip

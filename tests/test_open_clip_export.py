@@ -55,6 +55,12 @@ def test_open_clip_round_trip_is_exact(tmp_path, kind):
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout)
     assert summary["model"] == ("CoCa" if kind == "coca" else "CLIP") and summary["step"] == 0
+    if kind == "coca":  # Neither CLIPModel nor SiglipModel holds a CoCa's towers exactly.
+        proc = _export(tmp_path, "hf", "--workdir", "imported", "--out", "as_hf")
+        assert proc.returncode == 2
+        (line,) = proc.stderr.strip().splitlines()
+        assert line.startswith("error: a CoCa's towers have no exact transformers form")
+        assert not (tmp_path / "as_hf").exists()
 
     exported = _load_exported(tmp_path / "exported")
     want = {k: v for k, v in original.state_dict().items() if k != "attn_mask"}

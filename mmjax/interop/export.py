@@ -115,8 +115,10 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> dict[str, Any]
     cfg, found, params, oc = _exportable(workdir, step, "transformers' CLIPModel")
     if cfg.captioning:
         raise ConversionError(
-            "a CoCa's image tower pools with attention queries, which transformers' CLIPModel "
-            "cannot represent; export it with `mmjax export open_clip`"
+            "a CoCa's towers have no exact transformers form, even with the decoder dropped: "
+            "its image tower pools with attention queries, a LayerNorm and a projection "
+            "(CLIPModel pools a class token, SiglipModel a probe with a residual MLP) and its "
+            "text tower a causal CLS token; export it with `mmjax export open_clip`"
         )
     if cfg.init_logit_bias:
         raise ConversionError("a model with a logit bias (sigmoid loss) is not a CLIPModel")
