@@ -38,19 +38,3 @@ def runs(request, tmp_path_factory, cache_dir):
     yield runs
     runs.close()
 
-
-# The longest test files, longest first. pytest-xdist hands whole files (--dist loadfile) to
-# the two workers in collection order, so starting the longest ones first keeps both workers
-# busy to the end instead of leaving one long file running alone (longest-first packing).
-LONGEST_FIRST = (
-    "test_readme.py",
-    "test_distributed.py",
-    "test_object_storage.py",
-    "test_video.py",
-    "test_attention_kernels.py",
-)
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable within ranks.
