@@ -37,4 +37,3 @@ def runs(request, tmp_path_factory, cache_dir):
     runs = Runs(shared_dir(tmp_path_factory), cache_dir, names)
     yield runs
     runs.close()
-
