@@ -30,6 +30,14 @@ from mmjax.text.tokenizer import (
 )
 
 
+def read_processor(path: str | os.PathLike) -> spm.SentencePieceProcessor:
+    """A SentencePiece model file (local or object storage alike) as a processor."""
+    path = storage.path(path)
+    if not storage.retry(path.is_file, f"reading {path}"):
+        raise FileNotFoundError(f"tokenizer model not found: {path}")
+    return spm.SentencePieceProcessor(model_proto=storage.read_bytes(path))
+
+
 class Tokenizer:
     """Wraps a SentencePiece model with batch encoding to fixed-length rows."""
 
@@ -47,11 +55,7 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
-        path = storage.path(path)
-        if not storage.retry(path.is_file, f"reading {path}"):
-            raise FileNotFoundError(f"tokenizer model not found: {path}")
-        proto = storage.read_bytes(path)  # Local or object storage alike.
-        return cls(spm.SentencePieceProcessor(model_proto=proto), name=str(path))
+        return cls(read_processor(path), name=str(storage.path(path)))
 
     @property
     def vocab_size(self) -> int:

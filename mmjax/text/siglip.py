@@ -20,6 +20,7 @@ import numpy as np
 import sentencepiece as spm
 
 from mmjax import storage
+from mmjax.text.sentencepiece import read_processor
 from mmjax.text.tokenizer import check_context_length, encode_rows
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -40,11 +41,7 @@ class SiglipTokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SiglipTokenizer:
-        path = storage.path(path)
-        if not storage.retry(path.is_file, f"reading {path}"):
-            raise FileNotFoundError(f"tokenizer model not found: {path}")
-        proto = storage.read_bytes(path)
-        return cls(spm.SentencePieceProcessor(model_proto=proto), name=str(path))
+        return cls(read_processor(path), name=str(storage.path(path)))
 
     @property
     def vocab_size(self) -> int:
